@@ -1,0 +1,254 @@
+r"""LoRA: low-rank adaptation of a frozen linear layer (Hu et al., 2021, arXiv 2106.09685).
+
+A frozen weight W (out x in) is adapted by a trainable low-rank update::
+
+        x ──────────────► W x ───────────────┐            (frozen base layer, wrapped, not copied)
+        │                                     (+) ──► h
+        └─► dropout ─► A (r x in) ─► B (out x r) ─► * s ┘   (trainable, s = alpha / r)
+
+    h = W x + s * B A dropout(x),     delta W = s * B A      (Section 4.1, eq. 3)
+
+Shapes follow ``nn.Linear`` and PEFT's file format: ``A`` is (r, in_features), ``B`` is (out_features, r),
+so an adapter is exported without transposes. (The seed article uses A (in x r), B (r x out) and
+transposes on merge; that is the same maths in a convention nothing else reads.)
+
+State-dict keys: wrapping ``q_proj`` turns ``...q_proj.weight`` into ``...q_proj.base_layer.weight``
+and adds ``...q_proj.lora_A`` / ``...q_proj.lora_B`` (the names PEFT uses in memory).
+``merge_and_unload`` gives back a plain ``nn.Linear`` under the original key.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ALL_LINEAR = "all-linear"
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable rank-``r`` update ``s * B @ A``.
+
+    Args:
+        base: the layer to adapt; any module with ``in_features``, ``out_features`` and a ``weight``
+            (``nn.Linear``, or a quantised linear that dequantises its weight). It is kept by reference.
+        r: rank of the update, 1 <= r <= min(in, out).
+        alpha: scaling numerator; s = alpha / r, or alpha / sqrt(r) with ``use_rslora`` (Kalajdzievski 2023:
+            keeps the update's scale stable as r grows).
+        dropout: dropout probability on the LoRA branch input only (the base path is untouched).
+
+    Init (Section 4.1): A ~ kaiming_uniform(a=sqrt(5)) (as nn.Linear and PEFT do; the paper says Gaussian),
+    B = 0, so B A = 0 and the adapted model starts exactly at the pretrained one.
+    """
+
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 use_rslora: bool = False):
+        super().__init__()
+        for attr in ("in_features", "out_features", "weight"):
+            if not hasattr(base, attr):
+                raise TypeError(f"LoRALinear wraps a linear layer; {type(base).__name__} has no {attr!r}")
+        in_f, out_f = int(base.in_features), int(base.out_features)
+        if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= min(in_f, out_f):
+            raise ValueError(f"rank r={r!r} must be an integer in [1, min(in_features, out_features)] = "
+                             f"[1, {min(in_f, out_f)}] for a {out_f}x{in_f} layer")
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha={alpha!r} must be a positive number")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+
+        self.base_layer = base
+        for p in base.parameters():                     # frozen: only A and B learn
+            p.requires_grad_(False)
+        self.in_features, self.out_features = in_f, out_f
+        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
+        self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+        w = base.weight
+        # adapters train in fp32 when the base is half precision or quantised (PEFT's autocast_adapter_dtype)
+        dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+        self.lora_A = nn.Parameter(torch.empty(r, in_f, device=w.device, dtype=dtype))   # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(out_f, r, device=w.device, dtype=dtype))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.merged = False
+        self.disabled = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input's last dimension is {x.shape[-1]}, expected in_features={self.in_features}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"input dtype {x.dtype} is not floating point")
+        out = self.base_layer(x)
+        if self.disabled or self.merged:                # merged: the update already lives in W
+            return out
+        h = self.dropout(x).to(self.lora_A.dtype)
+        update = (h @ self.lora_A.t()) @ self.lora_B.t()   # (..., in) -> (..., r) -> (..., out): never forms B A
+        return out + (update * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """delta W = s * B @ A, shape (out, in), computed in fp32 (half-precision products lose bits)."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def _apply_delta(self, sign: float) -> None:
+        w = self.base_layer.weight
+        if not w.dtype.is_floating_point:
+            raise TypeError(f"cannot merge into a {w.dtype} weight; dequantise it first (see lora_ref.qlora)")
+        new = w.data.float() + sign * self.delta_weight()
+        if not torch.isfinite(new).all():
+            raise ValueError("merging would produce non-finite weights (NaN/Inf); adapter left unmerged")
+        w.data.copy_(new.to(w.dtype))
+
+    def merge(self) -> None:
+        """W <- W + s B A. Idempotent: merging twice is a no-op (guarded by ``merged``)."""
+        if not self.merged:
+            self._apply_delta(+1.0)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """W <- W - s B A: the inverse of merge (exact up to the weight dtype's rounding)."""
+        if self.merged:
+            self._apply_delta(-1.0)
+            self.merged = False
+
+    def enable_adapters(self, enabled: bool = True) -> None:
+        self.disabled = not enabled
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha:g}, scaling={self.scaling:.4g}{', rslora' if self.use_rslora else ''}"
+                f"{', merged' if self.merged else ''}")
+
+
+@dataclass
+class LoRAConfig:
+    """Which layers get adapters and how big they are. Mirrors PEFT's LoraConfig fields."""
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Sequence[str] | str = field(default_factory=lambda: ("q_proj", "v_proj"))
+    use_rslora: bool = False
+    exclude_modules: Sequence[str] = ("lm_head",)   # "all-linear" never adapts the output head (as PEFT)
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
+            self.target_modules = (self.target_modules,)
+        if not isinstance(self.target_modules, str):
+            self.target_modules = tuple(self.target_modules)
+            if not self.target_modules:
+                raise ValueError("target_modules is empty")
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct short names of the model's linear layers, e.g. ['down_proj', 'gate_proj', ..., 'v_proj']."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
+def _matches(name: str, config: LoRAConfig) -> bool:
+    short = name.rsplit(".", 1)[-1]
+    if any(short == ex or name == ex for ex in config.exclude_modules):
+        return False
+    if config.target_modules == ALL_LINEAR:
+        return True
+    # a target matches the last name component, or the whole dotted name (PEFT's rule), or a regex on it
+    return any(short == t or name == t or name.endswith("." + t) or re.fullmatch(t, name)
+               for t in config.target_modules)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Wrap every targeted linear layer of ``model`` in a LoRALinear, in place; freeze everything else.
+
+    Raises ValueError, listing the model's linear layer names, if a target matches nothing (PEFT's most
+    asked question: "Target modules ... not found in the base model").
+    """
+    targets = [(n, m) for n, m in model.named_modules()
+               if not isinstance(m, LoRALinear) and _is_linear_like(m) and _matches(n, config)
+               and not n.endswith(".base_layer")]
+    if config.target_modules != ALL_LINEAR:
+        hit = {t for t in config.target_modules for n, _ in targets
+               if n.rsplit(".", 1)[-1] == t or n == t or n.endswith("." + t) or re.fullmatch(t, n)}
+        missing = [t for t in config.target_modules if t not in hit]
+        if missing:
+            non_linear = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in missing]
+            why = (f" ({', '.join(non_linear[:3])} {'is' if len(non_linear) == 1 else 'are'} not nn.Linear)"
+                   if non_linear else "")
+            raise ValueError(f"target_modules {missing} match no linear layer{why}. "
+                             f"This model's linear layers are: {linear_module_names(model)}")
+    if not targets:
+        raise ValueError(f"no linear layer to adapt; linear layers: {linear_module_names(model)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in targets:
+        _set_submodule(model, name, LoRALinear(module, config.r, config.alpha, config.dropout, config.use_rslora))
+    return model
+
+
+def _is_linear_like(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or getattr(m, "is_lora_base", False)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
+    for layer in lora_layers(model).values():
+        layer.enable_adapters(enabled)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter into its base weight and put the plain base layer back (no added latency)."""
+    for name, layer in lora_layers(model).items():
+        layer.merge()
+        _set_submodule(model, name, layer.base_layer)
+    return model
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    trainable: int
+    total: int
+
+    @property
+    def ratio(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+                f"trainable%: {100 * self.ratio:.4f}")
+
+
+def count_parameters(model: nn.Module) -> ParamCount:
+    """Trainable vs total parameters; tied weights (embedding = lm_head) are counted once, as PEFT does."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():            # parameters() already yields each shared tensor once
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return ParamCount(trainable, total)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter tensors, keyed by module path: '<module>.lora_A' and '<module>.lora_B'."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        out[f"{name}.lora_A"] = layer.lora_A.detach()
+        out[f"{name}.lora_B"] = layer.lora_B.detach()
+    return out
+
+
+def trainable_parameters(model: nn.Module) -> Iterable[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
