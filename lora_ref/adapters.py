@@ -1,0 +1,136 @@
+"""Adapters on disk in Hugging Face PEFT's format, so PEFT loads ours and we load PEFT's.
+
+A PEFT LoRA adapter is a folder with two files:
+
+* ``adapter_config.json``: ``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``lora_dropout``,
+  ``target_modules``, ``use_rslora``, ... (only the fields we use; PEFT fills its defaults for the rest).
+* ``adapter_model.safetensors``: one tensor per matrix, named
+  ``base_model.model.<module path>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r).
+  In memory PEFT adds the adapter name (``lora_A.default.weight``); on disk it strips it.
+
+Our in-memory names are ``<module path>.lora_A`` (see lora.py), so the mapping is a prefix and a suffix.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .lora import ALL_LINEAR, LoRAConfig, inject_lora, lora_layers
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def peft_key(module_path: str, matrix: str) -> str:
+    """'model.layers.0.self_attn.q_proj', 'A' -> 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'."""
+    return f"{PREFIX}{module_path}.lora_{matrix}.weight"
+
+
+def config_to_peft(config: LoRAConfig, base_model_class: str | None = None) -> dict:
+    targets = config.target_modules
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": targets if targets == ALL_LINEAR else sorted(targets),
+        "use_rslora": config.use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "base_model_name_or_path": None,
+        **({"auto_mapping": {"base_model_class": base_model_class}} if base_model_class else {}),
+    }
+
+
+def config_from_peft(d: dict) -> LoRAConfig:
+    if d.get("peft_type") != "LORA":
+        raise ValueError(f"not a LoRA adapter: peft_type={d.get('peft_type')!r}")
+    unsupported = {k: d[k] for k in ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform",
+                                     "modules_to_save", "fan_in_fan_out") if d.get(k)}
+    if unsupported:
+        raise ValueError(f"adapter uses PEFT features lora_ref does not implement: {unsupported}")
+    if d.get("bias", "none") != "none":
+        raise ValueError(f"adapter trains biases (bias={d['bias']!r}); lora_ref supports bias='none'")
+    targets = d["target_modules"]
+    return LoRAConfig(r=int(d["r"]), alpha=float(d["lora_alpha"]), dropout=float(d.get("lora_dropout", 0.0)),
+                      target_modules=targets if isinstance(targets, str) else tuple(targets),
+                      use_rslora=bool(d.get("use_rslora", False)))
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's on-disk key names (contiguous, on the CPU)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRA layers to save; call inject_lora first")
+    out = {}
+    for path, layer in layers.items():
+        out[peft_key(path, "A")] = layer.lora_A.detach().to("cpu").contiguous()
+        out[peft_key(path, "B")] = layer.lora_B.detach().to("cpu").contiguous()
+    return out
+
+
+def save_adapter(model: nn.Module, folder: str | Path, config: LoRAConfig) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = adapter_tensors(model)
+    save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    cfg = config_to_peft(config, type(model).__name__)
+    (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def read_adapter(folder: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    """Read and validate an adapter folder; errors name the file and what is wrong with it."""
+    folder = Path(folder)
+    cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for p in (cfg_path, w_path):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} is missing: an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        config = config_from_peft(json.loads(cfg_path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{cfg_path} is not a valid adapter config: {e}") from e
+    try:
+        tensors = load_file(w_path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{w_path} is corrupt or not a safetensors file: {e}") from e
+    return config, tensors
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Inject LoRA layers as the adapter's config says, then load its weights (strictly).
+
+    Raises ValueError when the file's keys do not match the model's adapted layers (missing or
+    unexpected keys, PEFT's "missing adapter keys" problem) or when a tensor has the wrong shape.
+    """
+    config, tensors = read_adapter(folder)
+    if not lora_layers(model):
+        inject_lora(model, config)
+    layers = lora_layers(model)
+    expected = {peft_key(p, m) for p in layers for m in "AB"}
+    missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(f"adapter {folder} does not match this model: {len(missing)} missing keys "
+                         f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
+    with torch.no_grad():
+        for path, layer in layers.items():
+            for m, param in (("A", layer.lora_A), ("B", layer.lora_B)):
+                t = tensors[peft_key(path, m)]
+                if t.shape != param.shape:
+                    raise ValueError(f"{peft_key(path, m)} has shape {tuple(t.shape)}, the model expects "
+                                     f"{tuple(param.shape)} (r={config.r})")
+                param.copy_(t)
+            if layer.scaling != config.alpha / (config.r ** 0.5 if config.use_rslora else config.r):
+                raise ValueError(f"layer {path} has scaling {layer.scaling}, the adapter's config implies another")
+    return model
