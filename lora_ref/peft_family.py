@@ -1,0 +1,346 @@
+r"""The rest of the PEFT family: prompt tuning, P-tuning and prefix tuning, on a frozen causal LM.
+
+All three keep every weight of the model frozen and learn a few *virtual tokens*; they differ in where
+the virtual tokens enter and how they are parameterised::
+
+    prompt tuning  (Lester et al. 2021, arXiv 2104.08691)     input layer only
+        embeds = [ P ; E(x) ],          P in R^(n x d) trained directly              params: n d
+    P-tuning       (Liu et al. 2021, arXiv 2103.10385)         input layer only
+        embeds = [ f(P') ; E(x) ],      f = prompt encoder (bi-LSTM + MLP, or MLP)    params: n d + |f|
+        (f couples the virtual tokens and eases optimisation; after training f(P') is cached and the
+        model is served exactly like prompt tuning)
+    prefix tuning  (Li & Liang 2021, arXiv 2101.00190)         every layer's attention
+        keys_l = [ K_l ; W_k h ],  values_l = [ V_l ; W_v h ],  K_l, V_l in R^(n x d_kv) per layer l
+        [K ; V] = MLP(P'),  MLP = Linear(d', h) -> tanh -> Linear(h, 2 L d_kv)   (Section 4.3: the
+        reparameterisation stabilises training; after training only the prefix is kept)
+                                                                params kept: 2 L n d_kv
+
+(d: hidden size; d_kv = kv_heads * head_dim, smaller than d under grouped-query attention; L: layers;
+n: virtual tokens.) LoRA, by contrast, changes the weights themselves and can be merged away; these
+methods always cost n extra positions of attention at inference.
+
+Prefix tuning hands the learned keys/values to transformers as an already-filled ``DynamicCache``
+(``cache=`` in transformers 5.x), exactly where a KV cache of n earlier tokens would sit; the real tokens
+keep positions 0..t-1 (explicit ``position_ids``), so a prefix the attention ignores gives back the base model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+METHODS = ("prompt", "p-tuning", "prefix")
+
+
+@dataclass
+class SoftPromptOutput:
+    """``logits`` (b, t, vocab) for the real tokens only; ``loss`` when labels were given."""
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose label is not -100.
+
+    loss = mean_{t: labels[t+1] != -100} -log softmax(logits[t])[labels[t+1]];  logits (b, t, V), labels (b, t).
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (batch, time)")
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, ... over the real (mask = 1) tokens of each row; left padding gets position 0."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class _FrozenLMWrapper(nn.Module):
+    """Shared plumbing: freeze the model, count and export only the new parameters, greedy generation."""
+
+    def __init__(self, model: nn.Module, num_virtual_tokens: int):
+        super().__init__()
+        if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
+            raise ValueError(f"num_virtual_tokens={num_virtual_tokens!r} must be a positive integer")
+        self.base_model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.num_virtual_tokens = num_virtual_tokens
+        cfg = model.config
+        self.hidden_size = int(cfg.hidden_size)
+        self.num_layers = int(cfg.num_hidden_layers)
+        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """What would be saved: the trainable tensors only (the frozen model is never part of it)."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def adapter_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.adapter_state_dict().values())
+
+    def _dtype(self) -> torch.dtype:
+        return self.base_model.get_input_embeddings().weight.dtype
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, eos_token_id: int | None = None,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy decoding, recomputing the whole sequence each step (simple and exact; O(T^2) is fine
+        at course scale). Returns the new tokens (b, <= max_new_tokens); rows that hit EOS are padded with it."""
+        ids = input_ids
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        new = []
+        for _ in range(max_new_tokens):
+            nxt = self(ids, attention_mask=mask).logits[:, -1].argmax(-1)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            new.append(nxt)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(nxt[:, None])], dim=1)
+            if eos_token_id is not None and bool(done.all()):
+                break
+        return torch.stack(new, dim=1) if new else ids[:, :0]
+
+
+# --------------------------------------------------------------------------------------------------
+# prompt tuning and P-tuning: virtual tokens at the input
+# --------------------------------------------------------------------------------------------------
+
+def prepend_virtual_tokens(prompt: torch.Tensor, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                           labels: torch.Tensor | None = None):
+    """[P ; E(x)]: prompt (n, d), inputs_embeds (b, t, d), attention_mask (b, t), labels (b, t) ->
+    embeds (b, n+t, d), mask (b, n+t) with ones for the virtual tokens, labels (b, n+t) with -100 there."""
+    if prompt.dim() != 2 or prompt.shape[1] != inputs_embeds.shape[-1]:
+        raise ValueError(f"prompt {tuple(prompt.shape)} must be (n, {inputs_embeds.shape[-1]})")
+    b, n = inputs_embeds.shape[0], prompt.shape[0]
+    embeds = torch.cat([prompt.to(inputs_embeds.dtype).unsqueeze(0).expand(b, -1, -1), inputs_embeds], dim=1)
+    mask = torch.cat([attention_mask.new_ones(b, n), attention_mask], dim=1)
+    if labels is None:
+        return embeds, mask, None
+    return embeds, mask, torch.cat([labels.new_full((b, n), -100), labels], dim=1)
+
+
+class PromptTuning(_FrozenLMWrapper):
+    r"""Prompt tuning (Lester et al. 2021): n trainable input embeddings P (n, d) before every input.
+
+    ``init_token_ids``: initialise P from the embeddings of these vocabulary tokens (the paper's
+    "sampled vocab"/"class label" init, Section 3.2, which beats random init at small scale); otherwise
+    P ~ N(0, std of the embedding table). Trainable parameters: n * d.
+    """
+
+    def __init__(self, model: nn.Module, num_virtual_tokens: int = 8, init_token_ids: torch.Tensor | None = None):
+        super().__init__(model, num_virtual_tokens)
+        emb = model.get_input_embeddings().weight
+        if init_token_ids is not None:
+            init_token_ids = torch.as_tensor(init_token_ids).flatten()
+            if init_token_ids.numel() < num_virtual_tokens:       # repeat the text to fill n tokens
+                reps = -(-num_virtual_tokens // init_token_ids.numel())
+                init_token_ids = init_token_ids.repeat(reps)
+            init = emb[init_token_ids[:num_virtual_tokens].to(emb.device)].detach().float().clone()
+        else:
+            init = torch.randn(num_virtual_tokens, emb.shape[1], device=emb.device) * emb.detach().float().std()
+        self.prompt_embeddings = nn.Parameter(init)           # (n, d), fp32 master copy
+
+    def prompt(self) -> torch.Tensor:
+        return self.prompt_embeddings
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> SoftPromptOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.base_model.get_input_embeddings()(input_ids)                  # (b, t, d)
+        embeds, mask, _ = prepend_virtual_tokens(self.prompt(), embeds, attention_mask)
+        logits = self.base_model(inputs_embeds=embeds, attention_mask=mask,
+                                 position_ids=_positions(mask), use_cache=False).logits
+        logits = logits[:, self.num_virtual_tokens:]                                 # real tokens only
+        return SoftPromptOutput(logits, None if labels is None else causal_lm_loss(logits, labels))
+
+
+class PromptEncoder(nn.Module):
+    """P-tuning's prompt encoder f: trainable P' (n, d) -> (n, d).
+
+    ``"lstm"``: bidirectional 2-layer LSTM (hidden h per direction) then Linear(2h, 2h) - ReLU - Linear(2h, d)
+    (Liu et al. 2021, Section 3.2: the LSTM makes the virtual tokens depend on each other).
+    ``"mlp"``: Linear(d, h) - ReLU - Linear(h, h) - ReLU - Linear(h, d) (PEFT's default encoder).
+    """
+
+    def __init__(self, num_virtual_tokens: int, dim: int, hidden: int = 64, kind: str = "lstm"):
+        super().__init__()
+        if kind not in ("lstm", "mlp"):
+            raise ValueError(f"encoder kind={kind!r} must be 'lstm' or 'mlp'")
+        self.kind = kind
+        self.embedding = nn.Parameter(torch.randn(num_virtual_tokens, dim) * 0.02)
+        if kind == "lstm":
+            self.lstm = nn.LSTM(dim, hidden, num_layers=2, bidirectional=True, batch_first=True)
+            self.head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, dim))
+        else:
+            self.head = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                      nn.Linear(hidden, dim))
+
+    def forward(self) -> torch.Tensor:
+        h = self.embedding
+        if self.kind == "lstm":
+            h = self.lstm(h.unsqueeze(0))[0].squeeze(0)        # (n, 2h)
+        return self.head(h)                                    # (n, d)
+
+
+class PTuning(PromptTuning):
+    """P-tuning (v1): like prompt tuning, but the virtual tokens come out of a trainable prompt encoder.
+
+    Trains n*d + |encoder| parameters; serves n*d (cache ``prompt()`` once with :meth:`freeze_prompt`).
+    """
+
+    def __init__(self, model: nn.Module, num_virtual_tokens: int = 8, encoder_hidden: int = 64,
+                 encoder: str = "lstm"):
+        _FrozenLMWrapper.__init__(self, model, num_virtual_tokens)
+        dev = model.get_input_embeddings().weight.device
+        self.encoder = PromptEncoder(num_virtual_tokens, self.hidden_size, encoder_hidden, encoder).to(dev)
+        self.frozen_prompt: torch.Tensor | None = None
+
+    def prompt(self) -> torch.Tensor:
+        return self.encoder() if self.frozen_prompt is None else self.frozen_prompt
+
+    def freeze_prompt(self) -> torch.Tensor:
+        """Run the encoder once and serve its output (what P-tuning deploys: n x d numbers)."""
+        with torch.no_grad():
+            self.frozen_prompt = self.encoder().detach()
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        return self.frozen_prompt
+
+
+# --------------------------------------------------------------------------------------------------
+# prefix tuning: virtual keys and values in every layer
+# --------------------------------------------------------------------------------------------------
+
+def prefix_to_key_values(prefix: torch.Tensor, batch: int, num_layers: int, num_kv_heads: int,
+                         head_dim: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(n, 2 L H hd) -> L pairs (key, value), each (batch, H, n, hd): the layout of a KV cache.
+
+    Column order of ``prefix``: layer-major, then key/value, then head, then head_dim (PEFT's order).
+    """
+    n = prefix.shape[0]
+    if prefix.dim() != 2 or prefix.shape[1] != 2 * num_layers * num_kv_heads * head_dim:
+        raise ValueError(f"prefix {tuple(prefix.shape)} must be (n, 2*L*H*hd) = (n, "
+                         f"{2 * num_layers * num_kv_heads * head_dim})")
+    kv = prefix.view(n, num_layers, 2, num_kv_heads, head_dim).permute(1, 2, 3, 0, 4)   # (L, 2, H, n, hd)
+    kv = kv.unsqueeze(2).expand(num_layers, 2, batch, num_kv_heads, n, head_dim)       # (L, 2, b, H, n, hd)
+    return [(kv[l, 0], kv[l, 1]) for l in range(num_layers)]
+
+
+class PrefixTuning(_FrozenLMWrapper):
+    r"""Prefix tuning (Li & Liang 2021): n learned key/value vectors prepended in every attention layer.
+
+    With ``reparam_hidden`` (default, Section 4.3): prefix = W2 tanh(W1 P' + b1) + b2, P' (n, d), W1 (h, d),
+    W2 (2 L d_kv, h); without it the prefix (n, 2 L d_kv) is trained directly. Either way the model sees
+    keys/values (b, H, n, hd) per layer through a pre-filled DynamicCache; the attention mask gains n ones.
+    """
+
+    def __init__(self, model: nn.Module, num_virtual_tokens: int = 8, reparam_hidden: int | None = 64):
+        super().__init__(model, num_virtual_tokens)
+        dev = model.get_input_embeddings().weight.device
+        self.kv_width = 2 * self.num_layers * self.num_kv_heads * self.head_dim
+        if reparam_hidden is None:
+            self.prefix = nn.Parameter(torch.randn(num_virtual_tokens, self.kv_width, device=dev) * 0.02)
+            self.embedding, self.mlp = None, None
+        else:
+            if reparam_hidden < 1:
+                raise ValueError(f"reparam_hidden={reparam_hidden!r} must be a positive integer or None")
+            self.prefix = None
+            self.embedding = nn.Parameter(torch.randn(num_virtual_tokens, self.hidden_size, device=dev) * 0.02)
+            self.mlp = nn.Sequential(nn.Linear(self.hidden_size, reparam_hidden), nn.Tanh(),
+                                     nn.Linear(reparam_hidden, self.kv_width)).to(dev)
+
+    def prefix_matrix(self) -> torch.Tensor:
+        """(n, 2 L H hd): through the MLP while training, the stored tensor after :meth:`drop_reparameterization`."""
+        return self.prefix if self.mlp is None else self.mlp(self.embedding)
+
+    def drop_reparameterization(self) -> None:
+        """Keep only MLP(P') as a plain parameter (what Li & Liang store after training); outputs unchanged."""
+        if self.mlp is None:
+            return
+        with torch.no_grad():
+            self.prefix = nn.Parameter(self.mlp(self.embedding).detach().clone())
+        self.embedding, self.mlp = None, None
+
+    def cache(self, batch: int):
+        from transformers import DynamicCache
+
+        kv = prefix_to_key_values(self.prefix_matrix().to(self._dtype()), batch, self.num_layers,
+                                  self.num_kv_heads, self.head_dim)
+        return DynamicCache(ddp_cache_data=kv)     # fresh every call: the model appends to it
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, prefix_mask: torch.Tensor | None = None) -> SoftPromptOutput:
+        """``prefix_mask`` (b, n), default ones: set zeros to hide the prefix (then the output is the base
+        model's, which is how the tests prove the prefix acts only through attention)."""
+        b = input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if prefix_mask is None:
+            prefix_mask = attention_mask.new_ones(b, self.num_virtual_tokens)
+        mask = torch.cat([prefix_mask, attention_mask], dim=1)                     # (b, n + t)
+        logits = self.base_model(input_ids=input_ids, attention_mask=mask, cache=self.cache(b),
+                                 position_ids=_positions(attention_mask), use_cache=True).logits
+        return SoftPromptOutput(logits, None if labels is None else causal_lm_loss(logits, labels))
+
+
+# --------------------------------------------------------------------------------------------------
+# parameter counts, from the formulas (tests hold them against the modules)
+# --------------------------------------------------------------------------------------------------
+
+def prompt_tuning_params(n: int, d: int) -> int:
+    """n * d."""
+    return n * d
+
+
+def p_tuning_params(n: int, d: int, hidden: int, encoder: str = "lstm") -> int:
+    """n d + encoder. LSTM (2 layers, bidirectional, hidden h): per direction 4h(in + h) + 8h weights+biases,
+    layer 1 in = d, layer 2 in = 2h; head 2h*2h + 2h + 2h*d + d. MLP: d h + h + h h + h + h d + d."""
+    h = hidden
+    if encoder == "mlp":
+        return n * d + (d * h + h) + (h * h + h) + (h * d + d)
+    if encoder != "lstm":
+        raise ValueError(f"encoder={encoder!r} must be 'lstm' or 'mlp'")
+    lstm = 2 * (4 * h * (d + h) + 8 * h) + 2 * (4 * h * (2 * h + h) + 8 * h)
+    return n * d + lstm + (2 * h * 2 * h + 2 * h) + (2 * h * d + d)
+
+
+def prefix_tuning_params(n: int, num_layers: int, kv_dim: int, d: int | None = None,
+                         reparam_hidden: int | None = None) -> tuple[int, int]:
+    """(trained, kept): kept = n * 2 L d_kv; trained adds the reparameterisation
+    n d + (d h + h) + (h * 2 L d_kv + 2 L d_kv) when ``reparam_hidden`` is set."""
+    width = 2 * num_layers * kv_dim
+    kept = n * width
+    if reparam_hidden is None:
+        return kept, kept
+    if d is None:
+        raise ValueError("d (hidden size) is needed to count the reparameterisation")
+    h = reparam_hidden
+    return n * d + d * h + h + h * width + width, kept
+
+
+def lora_params(layer_shapes: list[tuple[int, int]], r: int) -> int:
+    """sum over adapted (out, in) layers of r (in + out)."""
+    return sum(r * (i + o) for o, i in layer_shapes)
+
+
+def build(method: str, model: nn.Module, num_virtual_tokens: int = 8, **kw) -> _FrozenLMWrapper:
+    """'prompt' | 'p-tuning' | 'prefix' -> the wrapper around ``model`` (frozen in place)."""
+    if method == "prompt":
+        return PromptTuning(model, num_virtual_tokens, **kw)
+    if method == "p-tuning":
+        return PTuning(model, num_virtual_tokens, **kw)
+    if method == "prefix":
+        return PrefixTuning(model, num_virtual_tokens, **kw)
+    raise ValueError(f"method={method!r} must be one of {METHODS}")
