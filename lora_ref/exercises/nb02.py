@@ -86,7 +86,7 @@ def _input(case: Case, dtype: torch.dtype) -> torch.Tensor:
 def _run_init(cls, case: Case) -> dict[str, torch.Tensor]:
     base, layer = _build(cls, case)
     if layer.base_layer is not base:
-        raise AssertionError("base_layer must be the very layer passed in (wrap it, do not copy it)")
+        raise AssertionError("[02.lora_init] base_layer must be the very layer passed in (wrap it, do not copy it)")
     frozen = torch.tensor([not p.requires_grad for p in base.parameters()])
     return {
         "lora_A": layer.lora_A.detach().clone(),
