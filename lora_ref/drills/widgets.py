@@ -1,0 +1,133 @@
+"""The notebook front: ipywidgets cells on the same engine as ``lora-drill``.
+
+One call in a notebook cell::
+
+    from lora_ref.drills.widgets import drill_widget
+    drill_widget(topic="qlora")            # progress shared with the terminal command by default
+
+shows a question (code numbered, options as radio buttons), an answer box, "Check", the grade with the
+model answer and key points, self-rating buttons (Again / Hard / Good / Easy, the suggestion preselected),
+"Next", and a statistics table. :func:`stats_widget` shows mastery per topic alone.
+"""
+from __future__ import annotations
+
+import html
+
+import ipywidgets as w
+
+from .engine import Answered, Drill, model_answer_text
+from .grading import FREE_TEXT_LIMITS, RATING_NAMES
+from .items import TOPICS, Item
+from .progress import Progress, Stats
+
+_RATINGS = [(f"{k} {v}", k) for k, v in RATING_NAMES.items()]
+
+
+def _pre(text: str) -> str:
+    return f"<pre style='white-space:pre-wrap;font-size:90%'>{html.escape(text)}</pre>"
+
+
+def stats_html(st: Stats) -> str:
+    """Mastery per topic, streak and weakest areas as an HTML table."""
+    rows = "".join(
+        f"<tr><td>{html.escape(TOPICS[t.topic])}</td><td>{t.mastery:.0%}</td><td>{t.seen}/{t.cards}</td>"
+        f"<td>{t.due}</td><td>{'-' if t.accuracy is None else f'{t.accuracy:.0%}'}</td></tr>" for t in st.topics)
+    weak = ", ".join(TOPICS[t] for t in st.weakest_topics) or "none yet"
+    return (f"<p>Reviews: {st.reviews} ({st.reviews_today} today). Streak: {st.streak} day(s). "
+            f"Weakest areas: {html.escape(weak)}.</p><table><tr><th>topic</th><th>mastery</th><th>seen</th>"
+            f"<th>due</th><th>recent score</th></tr>{rows}</table>"
+            "<p><small>Mastery: FSRS probability of recall a week from now, averaged over the topic's cards "
+            "(unseen = 0).</small></p>")
+
+
+class DrillWidget(w.VBox):
+    """Question -> answer -> grade and model answer -> self-rating -> next, on a :class:`Drill`."""
+
+    def __init__(self, drill: Drill):
+        self.drill = drill
+        self.item: Item | None = None
+        self.answered: Answered | None = None
+        self.header = w.HTML()
+        self.question = w.HTML()
+        self.text = w.Textarea(placeholder="Your answer", layout=w.Layout(width="100%", height="8em"))
+        self.line = w.Text(placeholder="e.g. 16.8M, 2 GB, 1.5 GiB", layout=w.Layout(width="40%"))
+        self.options = w.RadioButtons(options=[], layout=w.Layout(width="100%"))
+        self.input = w.Box()
+        self.check = w.Button(description="Check", button_style="primary")
+        self.skip = w.Button(description="Skip")
+        self.feedback = w.HTML()
+        self.rating = w.ToggleButtons(options=_RATINGS, description="Your rating:", value=3)
+        self.next = w.Button(description="Save rating, next", button_style="success")
+        self.rate_box = w.VBox([self.rating, self.next], layout=w.Layout(display="none"))
+        self.show_stats = w.Button(description="Statistics")
+        self.stats = w.HTML()
+        self.check.on_click(lambda _b: self.on_check())
+        self.skip.on_click(lambda _b: self.ask())
+        self.next.on_click(lambda _b: self.on_next())
+        self.show_stats.on_click(lambda _b: self.on_stats())
+        super().__init__([self.header, self.question, self.input, w.HBox([self.check, self.skip, self.show_stats]),
+                          self.feedback, self.rate_box, self.stats])
+        self.ask()
+
+    def ask(self, item: Item | None = None) -> None:
+        """Show the next question (or ``item``)."""
+        self.item = item or self.drill.next_item()
+        self.answered = None
+        it = self.item
+        self.header.value = (f"<b>{html.escape(TOPICS[it.topic])}</b> | {it.kind} | difficulty {it.difficulty} "
+                             f"| <code>{html.escape(it.id)}</code>")
+        body = f"<p>{html.escape(it.prompt)}</p>" + (_pre(it.numbered_code()) if it.code else "")
+        self.question.value = body
+        if it.kind == "choice":
+            self.options.options = [(f"({chr(97 + i)}) {c}", chr(97 + i)) for i, c in enumerate(it.choices)]
+            self.options.value = None
+            self.input.children = [self.options]
+        elif it.kind == "numeric":
+            self.line.value = ""
+            self.line.placeholder = f"answer in {it.answer_unit}" if it.answer_unit else "e.g. 16.8M, 2 GB, 1.5 GiB"
+            self.input.children = [self.line]
+        else:
+            self.text.value = ""
+            self.text.placeholder = "Name the line ('line N') and what goes wrong" if it.kind == "bug" else "Your answer"
+            self.input.children = [self.text]
+        self.feedback.value = ""
+        self.rate_box.layout.display = "none"
+        self.check.disabled = False
+
+    def response(self) -> str:
+        if self.item.kind == "choice":
+            return self.options.value or ""
+        return self.line.value if self.item.kind == "numeric" else self.text.value
+
+    def on_check(self) -> None:
+        if self.item is None or self.answered is not None:
+            return
+        self.answered = self.drill.answer(self.item, self.response())
+        g = self.answered.grade
+        verdict = "<b style='color:green'>Correct.</b> " if g.correct else ""
+        note = (f"<p><small>{html.escape(FREE_TEXT_LIMITS)}</small></p>" if self.item.kind in ("free", "bug") else "")
+        self.feedback.value = (f"<p>{verdict}{html.escape(g.feedback)}</p>" + _pre(model_answer_text(self.item)) + note)
+        self.rating.value = g.suggested
+        self.rate_box.layout.display = "flex"
+        self.check.disabled = True
+
+    def on_next(self) -> None:
+        if self.answered is not None:
+            self.drill.rate(self.answered, self.rating.value, mode="notebook")
+        self.ask()
+
+    def on_stats(self) -> None:
+        self.stats.value = stats_html(self.drill.stats())
+
+
+def drill_widget(topic: str | None = None, db=None, *, seed: int | None = None, kinds=None,
+                 progress: Progress | None = None) -> DrillWidget:
+    """A ready drill cell: ``topic`` one of :data:`TOPICS` (None: all); ``db`` the progress file (None:
+    the default shared with ``lora-drill``, ``":memory:"`` for a throw-away session)."""
+    return DrillWidget(Drill(progress or Progress(db), seed=seed, topic=topic, kinds=kinds))
+
+
+def stats_widget(db=None) -> w.HTML:
+    """Mastery per topic, streak and weakest areas for the progress file ``db``."""
+    with Progress(db) as progress:
+        return w.HTML(stats_html(Drill(progress).stats()))
