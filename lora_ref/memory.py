@@ -357,20 +357,26 @@ class ActivationBytes:
 def activation_bytes(shape: ModelShape | str, batch: int, seq: int, dtype: str | torch.dtype = "bf16",
                      method: str = "full", r: int = 16, targets: str | Iterable[str] = "all-linear",
                      adapter_dtype: str | torch.dtype = "fp32", dequant_buffer: bool = True,
-                     loss_chunks: int = 0) -> ActivationBytes:
+                     loss_chunks: int = 0, adapter_input_copies: bool | None = None) -> ActivationBytes:
     """Activations saved by a Hugging Face Llama layer with SDPA (flash) attention, counted op by op.
 
     With t = batch*seq tokens, h = hidden, I = intermediate, kv = n_kv_heads*head_dim, c = bytes of the
     compute dtype (2 for bf16). Per layer (cf. Korthikanti et al., arXiv 2205.05198, Section 4.1, which
     gives s*b*h*(34 + 5*a*s/h) for GPT; here no dropout, flash attention keeps no s^2 scores, SwiGLU):
 
-    - each RMSNorm upcasts to fp32 and saves it (4th) plus its normalised 16-bit output (c*t*h): 2 x;
-    - attention: q, k, v after RoPE (c*t*(h + 2kv)), the SDPA output and its contiguous copy fed to o_proj
-      (2*c*t*h), plus fp32 logsumexp (4*t*n_heads);
-    - MLP: gate output, SiLU output, up output, their product (4*c*t*I).
+    - each RMSNorm saves its fp32 upcast input (4th) and the rsqrt (4t); with a trainable norm weight
+      (full fine-tuning) also the 16-bit normalised value before the weight (c*t*h);
+    - a linear layer saves its input only when its weight is trainable (PyTorch saves what the requested
+      gradients need): full fine-tuning saves the norm outputs and the MLP product (c*t*h twice, c*t*I);
+      a frozen base with fp32 adapters saves the adapters' fp32 copies of x instead (PEFT and
+      ``lora_ref.lora`` cast x per adapter: q, k and v make three copies); ``adapter_input_copies=False``
+      describes a kernel that computes the adapter in the compute dtype and saves x once
+      (``lora_ref.kernels``);
+    - attention: q and k after RoPE, v, and the SDPA output (c*t*(2*q_dim + 2*kv); the output is laid out
+      (b, s, heads, d), so o_proj reads it without a copy), plus the fp32 logsumexp (4*t*n_heads);
+    - MLP: gate output, up output, SiLU output (3*c*t*I);
+    - LoRA: the rank-r product A x per adapted linear (adapter dtype, or c with the kernel).
 
-    LoRA adds per adapted linear the rank-r activation A x (bytes of the adapter dtype * t * r) and, when
-    the adapter dtype differs from the compute dtype, the input cast to it (PEFT casts x per adapter).
     Backward through one layer holds up to 2 extra (t, I) gradients (the SiLU-gate product rule) and,
     for QLoRA, one dequantised weight of the largest projection.
 
@@ -381,25 +387,36 @@ def activation_bytes(shape: ModelShape | str, batch: int, seq: int, dtype: str |
     is computed chunk by chunk and only one chunk's buffers exist at a time.
     """
     s = get_shape(shape)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     c = dtype_bytes(dtype)
     t = batch * seq
     h, I, kv = s.hidden, s.intermediate, s.kv_dim
-    norm = 4 * t * h + c * t * h
-    attn = c * t * (s.q_dim + 2 * kv) + 2 * c * t * s.q_dim + 4 * t * s.n_heads
-    mlp = 4 * c * t * I
-    layer = 2 * norm + attn + mlp
-    if method != "full":
-        a = dtype_bytes(adapter_dtype)
-        shapes = linear_shapes(s)
-        for tgt in resolve_targets(targets):
-            layer += a * t * r
-            if a != c:
-                layer += a * t * shapes[tgt][1]
+    full = method == "full"
+    tg = () if full else resolve_targets(targets)
+    a = dtype_bytes(adapter_dtype)
+    copies = (a != c) if adapter_input_copies is None else adapter_input_copies
+    lora_saves_x = not copies                       # the kernel keeps the c-byte input itself
+
+    def input_saved(names: tuple[str, ...]) -> bool:  # is this c-byte linear input kept for backward?
+        return full or (lora_saves_x and any(n in tg for n in names))
+
+    norm = 4 * t * h + 4 * t + (c * t * h if full else 0)
+    layer = 2 * norm
+    layer += c * t * h * (input_saved(("q_proj", "k_proj", "v_proj")) + input_saved(("gate_proj", "up_proj")))
+    layer += c * t * (2 * s.q_dim + 2 * kv) + 4 * t * s.n_heads
+    layer += 3 * c * t * I + (c * t * I if input_saved(("down_proj",)) else 0)
+    shapes = linear_shapes(s)
+    for tgt in tg:
+        layer += (a if copies else c) * t * r
+        if copies:
+            layer += a * t * shapes[tgt][1]
     layer_backward = 2 * c * t * I
     if method == "qlora" and dequant_buffer:
         layer_backward += c * max(o * i for o, i in linear_shapes(s).values())
     checkpoints = s.n_layers * c * t * h
-    head = norm
+    # final norm; its output is kept by a trainable lm_head (full) or by the chunked loss
+    head = norm + (c * t * h if full or (loss_chunks and loss_chunks > 0) else 0)
     tv = t * s.vocab
     if loss_chunks and loss_chunks > 0:
         tv = math.ceil(t / loss_chunks) * s.vocab
@@ -459,7 +476,8 @@ def training_memory(shape: ModelShape | str, method: str = "qlora", r: int = 16,
                     dtype: str | torch.dtype = "bf16", optimizer: str = "adamw",
                     grad_checkpointing: bool = True, adapter_dtype: str | torch.dtype = "fp32",
                     master_weights: bool = False, blocksize: int = 64, double_quant: bool = True,
-                    loss_chunks: int = 0, dequant_buffer: bool = True) -> MemoryBreakdown:
+                    loss_chunks: int = 0, dequant_buffer: bool = True,
+                    adapter_input_copies: bool | None = None) -> MemoryBreakdown:
     """Peak memory of a training step (steady state: optimizer state allocated, grads set to None).
 
     Resident: weights + optimizer. On top, the peak of these phases (t = batch*seq, L = n_layers):
@@ -503,7 +521,7 @@ def training_memory(shape: ModelShape | str, method: str = "qlora", r: int = 16,
         optim = optimizer_state_bytes(n_train, a, optimizer)
         top_grads = 0
     act = activation_bytes(s, batch, seq, dtype, method, r, targets, adapter_dtype, dequant_buffer,
-                           loss_chunks)
+                           loss_chunks, adapter_input_copies)
     if grad_checkpointing:
         stored, one_layer = act.checkpoints, act.layer
         bottom_stored = act.checkpoints // s.n_layers

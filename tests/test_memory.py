@@ -118,17 +118,68 @@ def _hand_shape():
 
 
 def test_activation_bytes_by_hand():
-    s = _hand_shape()            # head_dim 2, kv_dim 2
+    s = _hand_shape()            # head_dim 2, kv_dim 2, q_dim 4
     a = M.activation_bytes(s, batch=1, seq=3, dtype="bf16", method="full")
     t = 3
-    norm = 4 * t * 4 + 2 * t * 4                         # fp32 copy + bf16 output = 72
-    attn = 2 * t * (4 + 2 * 2) + 2 * 2 * t * 4 + 4 * t * 2   # q,k,v + sdpa out + o input + lse = 48+48+24
-    mlp = 4 * 2 * t * 8                                  # 192
-    assert a.layer == 2 * norm + attn + mlp == 456
+    norm = 4 * t * 4 + 4 * t + 2 * t * 4                 # fp32 input + rsqrt + bf16 pre-weight value = 84
+    linear_inputs = 2 * t * 4 * 2                        # the two norm outputs kept by q/k/v and gate/up
+    attn = 2 * t * (2 * 4 + 2 * 2) + 4 * t * 2           # q, k, v, sdpa out + fp32 logsumexp = 96
+    mlp = 3 * 2 * t * 8 + 2 * t * 8                      # gate, up, silu + the product kept by down = 192
+    assert a.layer == 2 * norm + linear_inputs + attn + mlp == 504
     assert a.checkpoints == 2 * 2 * t * 4
+    assert a.head == norm + 2 * t * 4                    # + lm_head's input (trainable in full FT)
     assert a.loss_backward == 12 * t * 10 and a.loss_forward == 4 * t * 10
     lo = M.activation_bytes(s, 1, 3, "bf16", "lora", r=1, targets=["q_proj"], adapter_dtype="fp32")
-    assert lo.layer - a.layer == 4 * t * 1 + 4 * t * 4   # A x in fp32 + the fp32 cast of the input
+    # frozen: no pre-weight norm value, no linear inputs, no product; + fp32 copy of x and A x for q
+    assert lo.layer == 2 * (4 * t * 4 + 4 * t) + attn + 3 * 2 * t * 8 + 4 * t * 4 + 4 * t * 1 == 420
+    k = M.activation_bytes(s, 1, 3, "bf16", "qlora", r=1, targets="all", adapter_input_copies=False)
+    # the kernel keeps each linear input once in bf16, and A x (bf16) per adapted linear
+    assert k.layer == 2 * (4 * t * 4 + 4 * t) + 2 * t * 4 * 2 + attn + mlp + 7 * 2 * t * 1
+
+
+def _saved_bytes(model, ids):
+    """Bytes autograd saves for backward in one forward pass (each storage once, parameters excluded)."""
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    skip |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    seen = {}
+
+    def pack(x):
+        st = x.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        model(input_ids=ids, labels=ids)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_activation_bytes_match_autograd(method):
+    """The op-by-op count against what autograd really saves, on a tiny bf16 Llama (CPU, SDPA)."""
+    transformers = pytest.importorskip("transformers")
+    from lora_ref import kernels as K
+    from lora_ref.lora import LoRAConfig, inject_lora
+    s = M.ModelShape("tiny-gqa", 64, 160, 2, 4, 2, 128, tied_embeddings=True)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                   tie_word_embeddings=True, use_cache=False)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).train()
+    kw = {}
+    if method == "lora":
+        inject_lora(model, LoRAConfig(r=16, alpha=32, target_modules="all-linear"))
+    elif method == "qlora":
+        K.quantize_model_fast(model, r=16, alpha=32)
+        kw = dict(adapter_input_copies=False)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    got = _saved_bytes(model, ids)
+    a = M.activation_bytes(s, 2, 16, "bf16", method, 16, "all-linear", "fp32", **kw)
+    pred = s.n_layers * a.layer + a.head + a.loss_forward
+    # the rest: RoPE cos/sin tables, the labels, and layer 0's first norm, which saves nothing when the
+    # frozen embedding output needs no gradient
+    assert abs(pred / got - 1) < 0.05, (pred, got)
 
 
 def test_training_memory_full_by_hand():
