@@ -320,10 +320,11 @@ _QUANT_MUTATIONS = (
              "Line 3 divides absmax by 7 (the int4 range -7..7): normalised values land in [-7, 7] while NF4 "
              "codes are in [-1, 1], so almost every weight saturates at the end codes. The scale is absmax itself.",
              (kp("/7 is int4's range", "7", "int4"), kp("values saturate outside [-1, 1]", "saturat", "outside", "end code"))),
-    Mutation(4, "    pass",
-             "Line 4 no longer guards all-zero blocks: absmax = 0 gives 0/0 = NaN for every value of the block "
-             "(padding, pruned or zero-initialised weights).",
-             (kp("all-zero block", "zero"), kp("division by zero gives NaN", "nan", "divis"))),
+    Mutation(5, "    normed = blocks / absmax.max()                          # in [-1, 1]",
+             "Line 5 normalises every block by the absmax of the whole tensor, while the stored constants (and "
+             "dequantize) are per block: blocks come back scaled by absmax_block / absmax_tensor, i.e. shrunk. "
+             "And a single scale would throw away blockwise quantisation's protection against outliers.",
+             (kp("per-tensor scale vs per-block constants", "tensor", "whole"), kp("scales do not match: values shrink", "shrunk", "shrink", "mismatch", "do not match"))),
     Mutation(7, "    idx = torch.searchsorted(code, normed)                 # nearest code, 0..15",
              "Line 7 uses searchsorted on the codes: the insertion index (first code >= value), not the nearest "
              "code, so every value rounds up to the next code (0.01 becomes 0.0796, not 0): a systematic bias. "

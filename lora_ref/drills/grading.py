@@ -215,7 +215,7 @@ def normalise(text: str) -> list[str]:
 def _stem(tok: str) -> str:
     for suffix in ("ization", "izing", "ized", "izes", "ize", "iz", "ations", "ation", "ing", "ies", "ed", "es", "s"):
         if tok.endswith(suffix) and len(tok) - len(suffix) >= 3:
-            tok = tok[: -len(suffix)]
+            tok = tok[: -len(suffix)] + ("y" if suffix == "ies" else "")
             break
     return tok[:-1] if tok.endswith("e") and len(tok) > 4 else tok
 

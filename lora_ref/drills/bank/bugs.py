@@ -50,8 +50,8 @@ BUGS = [
         ),
         bug_lines=(1, 4, 6),
         answer=(
-            "It builds a brand-new nn.Linear inside LoRALinear (random init, fp32, on the CPU) and then copies the "
-            "pretrained weight into it with clone(): for a moment two copies of every weight exist (memory), the "
+            "Line 1 builds a brand-new nn.Linear inside LoRALinear (random init, fp32, on the CPU) and lines 4 and 6 "
+            "copy the pretrained weight into it with clone(): for a moment two copies of every weight exist (memory), the "
             "random init is wasted work, and the new layer does not keep the original's device or dtype unless "
             "the clone happens to bring them (the LoRA A/B parameters stay fp32 on the CPU while the model is on "
             "the GPU). It also breaks ties to the original parameter (shared or quantised weights, hooks). Fix: "
@@ -139,9 +139,9 @@ BUGS = [
         bug_lines=(2, 3),
         answer=(
             "NF4 has 16 finite values: 7 negative, zero, 8 positive (asymmetric so that zero is exact). The "
-            "article mirrors the negative half (0.0911, ..., 0.6962), which is wrong: the positive values are "
+            "article mirrors the negative half on line 2 (0.0911, ..., 0.6962), which is wrong: the positive values are "
             "0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0 (bitsandbytes get_4bit_type('nf4')). "
-            "Having one value too few it pads the table with float('inf'): any weight mapped to code 15 "
+            "Having one value too few it pads the table with float('inf') on line 3: any weight mapped to code 15 "
             "dequantises to inf and the layer outputs inf/NaN. Compute the table from normal quantiles "
             "(create_normal_map) instead of typing rounded constants."
         ),
@@ -195,7 +195,7 @@ BUGS = [
         ),
         bug_lines=(2,),
         answer=(
-            "torch.searchsorted returns the insertion index: the first code >= the value, not the nearest code. "
+            "Line 2: torch.searchsorted returns the insertion index: the first code >= the value, not the nearest code. "
             "Every value rounds up to the next code, a systematic bias (e.g. 0.01 maps to 0.0796 instead of 0). "
             "Quantisation must pick the nearest code: argmin |x - code|, or searchsorted/bucketize against the "
             "midpoints between consecutive codes, which is what bitsandbytes does."
