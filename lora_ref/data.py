@@ -183,15 +183,35 @@ def encode_example(tokenizer, ex: Example, system: str = SYSTEM_PROMPT,
     if not full.startswith(prompt):
         raise ValueError("the chat template does not begin the full conversation with the generation prompt:"
                          f" prompt={prompt!r}, full={full!r}")
-    prompt_ids, completion_ids = _ids(tokenizer, prompt), _ids(tokenizer, full[len(prompt):])
-    eos = tokenizer.eos_token_id
-    # the loss stops at the last end-of-turn token; template text after it (a newline) is never generated
-    n_loss = (len(completion_ids) - completion_ids[::-1].index(eos)) if eos in completion_ids else len(completion_ids)
-    input_ids = prompt_ids + completion_ids
-    labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids[:n_loss] + [IGNORE_INDEX] * (len(completion_ids) - n_loss)
-    if max_length is not None and len(input_ids) > max_length:
-        raise ValueError(f"example {ex.question!r} is {len(input_ids)} tokens long, more than max_length={max_length}")
-    return {"input_ids": torch.tensor(input_ids, dtype=torch.long),
+    enc = answer_only_labels(_ids(tokenizer, prompt), _ids(tokenizer, full[len(prompt):]), tokenizer.eos_token_id)
+    if max_length is not None and len(enc["input_ids"]) > max_length:
+        raise ValueError(f"example {ex.question!r} is {len(enc['input_ids'])} tokens long, "
+                         f"more than max_length={max_length}")
+    return enc
+
+
+def answer_only_labels(prompt_ids: Sequence[int], completion_ids: Sequence[int],
+                       eos_id: int | None) -> dict[str, torch.Tensor]:
+    """Concatenate prompt and completion token ids; the loss goes on the completion up to its end-of-turn.
+
+    ``input_ids = prompt + completion`` (T,) and ``labels`` (T,) equal to ``input_ids`` on the completion
+    tokens up to and including the LAST ``eos_id`` among them, ``-100`` on the prompt and on whatever
+    follows that end-of-turn token (template text that is never generated). A completion without
+    ``eos_id`` (or ``eos_id=None``) carries loss on every token. Example, eos 2::
+
+        prompt [5, 6, 7], completion [8, 9, 2, 4]  ->  input_ids [5, 6, 7, 8, 9, 2, 4]
+                                                       labels    [-100, -100, -100, 8, 9, 2, -100]
+    """
+    prompt_ids, completion_ids = [int(i) for i in prompt_ids], [int(i) for i in completion_ids]
+    if not completion_ids:
+        raise ValueError("the completion is empty: there is nothing to put the loss on")
+    if eos_id is not None and eos_id in completion_ids:
+        n_loss = len(completion_ids) - completion_ids[::-1].index(eos_id)
+    else:
+        n_loss = len(completion_ids)
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids[:n_loss]
+              + [IGNORE_INDEX] * (len(completion_ids) - n_loss))
+    return {"input_ids": torch.tensor(prompt_ids + completion_ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long)}
 
 

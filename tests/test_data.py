@@ -3,14 +3,14 @@ import hashlib
 import json
 import subprocess
 import sys
-from collections import defaultdict
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_ref.data import (FACTS_FILE, IGNORE_INDEX, SYSTEM_PROMPT, Example, collate, encode_example, fact_accuracy,
-                           is_correct, load_dataset, load_facts, normalize, prompt_text, tiny_tokenizer)
+from lora_ref.data import (FACTS_FILE, IGNORE_INDEX, SYSTEM_PROMPT, Example, answer_only_labels, collate,
+                           encode_example, fact_accuracy, is_correct, load_dataset, load_facts, normalize,
+                           prompt_text, tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +145,18 @@ def test_encoding_matches_the_full_conversation(tok, splits):
                                         {"role": "user", "content": ex.question},
                                         {"role": "assistant", "content": ex.answer}], tokenize=False)
         assert tok.decode(enc["input_ids"]) == full
+
+
+def test_answer_only_labels_hand_worked():
+    enc = answer_only_labels([5, 6, 7], [8, 9, 2, 4], eos_id=2)
+    assert enc["input_ids"].tolist() == [5, 6, 7, 8, 9, 2, 4]
+    assert enc["labels"].tolist() == [-100, -100, -100, 8, 9, 2, -100]
+    # the LAST end-of-turn closes the loss; no eos: loss on the whole completion
+    assert answer_only_labels([1], [2, 3, 2, 4], eos_id=2)["labels"].tolist() == [-100, 2, 3, 2, -100]
+    assert answer_only_labels([1], [3, 4], eos_id=2)["labels"].tolist() == [-100, 3, 4]
+    assert answer_only_labels([], [3, 4], eos_id=None)["labels"].tolist() == [3, 4]
+    with pytest.raises(ValueError, match="completion is empty"):
+        answer_only_labels([1, 2], [], eos_id=2)
 
 
 def test_max_length_refuses_instead_of_truncating(tok, splits):
