@@ -1,0 +1,258 @@
+"""Hidden-test cases of notebook 05_nf4_quantisation: the learner's NF4 pieces against lora_ref.quant.
+
+The learner builds NF4 in small steps whose names mirror ``lora_ref.quant``:
+
+    nf4_code(offset)                                    -> quant.nf4_code
+    quantize_blockwise(x, code, blocksize)              -> (codes, absmax): the first half of quant.quantize_4bit
+    dequantize_blockwise(codes, absmax, code, shape, blocksize, dtype)   -> the second half of dequantize_4bit
+    pack_4bit(codes, pad) / unpack_4bit(packed, n)      -> quant's packing (first value in the high nibble)
+    bits_per_parameter(blocksize, double_quant, ...)    -> quant.bits_per_parameter
+    QLoRALinear(in, out, rank, alpha, blocksize)        -> the seed article's class with its bugs fixed
+
+``lora_ref.quant`` keeps the code/absmax and packing steps inside ``quantize_4bit`` (which takes a quant type,
+not an arbitrary codebook), so the references for those steps are thin functions below, built from
+``quant``'s own building blocks (``nearest_code_index``, the same reciprocal scaling and nibble order);
+tests/test_exercises_nb05.py proves them equal to ``quant.quantize_4bit`` and to bitsandbytes.
+The article's class has no lora_ref twin with its interface (lora_ref's QLoRA layer wraps an nn.Linear,
+notebook 06), so :class:`ReferenceQLoRALinear` keeps the article's interface on top of
+``quant.quantize_4bit`` / ``quant.dequantize_4bit``.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lora_ref import quant
+from lora_ref.exercises import Case, Exercise, register
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------------
+# references with the notebook's interfaces
+# ---------------------------------------------------------------------------------------------------
+
+def reference_quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 64):
+    """(codes (n,) uint8, absmax (ceil(n/bs),) float32): quant.quantize_4bit before packing."""
+    flat = x.detach().reshape(-1).float()
+    n = flat.numel()
+    n_blocks = -(-n // blocksize)
+    blocks = F.pad(flat, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1).reshape(-1)[:n]
+    return quant.nearest_code_index(scaled, code.float()).to(torch.uint8), absmax
+
+
+def reference_dequantize_blockwise(codes, absmax, code, shape, blocksize: int = 64, dtype=torch.float32):
+    """code[codes] * absmax of the block, in fp32, cast once: quant.dequantize_4bit after unpacking."""
+    values = code.float()[codes.reshape(-1).long()]
+    n = values.numel()
+    n_blocks = -(-n // blocksize)
+    blocks = F.pad(values, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
+    return (blocks * absmax.float().unsqueeze(1)).reshape(-1)[:n].reshape(shape).to(dtype)
+
+
+def reference_pack_4bit(codes: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    """(n,) codes -> (ceil(n/2),) uint8, first code in the high nibble (bitsandbytes' order)."""
+    q = codes.reshape(-1).to(torch.uint8)
+    if q.numel() % 2:
+        q = torch.cat([q, q.new_full((1,), pad)])
+    return (q[0::2] << 4) | q[1::2]
+
+
+def reference_unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
+    return quant.unpack_4bit(packed.reshape(-1), n)
+
+
+class ReferenceQLoRALinear(nn.Module):
+    """The article's QLoRALinear interface, done right on top of lora_ref.quant (NF4, blockwise absmax)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 16, alpha: float = 16.0,
+                 blocksize: int = 64):
+        super().__init__()
+        self.in_features, self.out_features, self.rank, self.alpha = in_features, out_features, rank, alpha
+        self.blocksize = blocksize
+        self.scaling = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.register_buffer("code", quant.nf4_code())
+        self.register_buffer("weight_4bit", None)
+        self.register_buffer("absmax", None)
+
+    @torch.no_grad()
+    def quantize_weight(self, weight: torch.Tensor) -> None:
+        packed, state = quant.quantize_4bit(weight, blocksize=self.blocksize, quant_type="nf4")
+        self.weight_4bit, self.absmax = packed.reshape(-1), state.absmax
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.weight_4bit is None:
+            raise RuntimeError("no weight quantised yet: call quantize_weight(weight) first")
+        state = quant.QuantState(absmax=self.absmax, shape=(self.out_features, self.in_features),
+                                 dtype=dtype, blocksize=self.blocksize, quant_type="nf4", code=self.code)
+        return quant.dequantize_4bit(self.weight_4bit, state, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = F.linear(x, self.dequantize_weight(x.dtype))
+        return base + self.scaling * ((x @ self.lora_A.to(x.dtype).T) @ self.lora_B.to(x.dtype).T)
+
+
+# ---------------------------------------------------------------------------------------------------
+# cases and runs
+# ---------------------------------------------------------------------------------------------------
+
+def _nf4_cases() -> list[Case]:
+    return [dict(offset=o) for o in (0.9677083, 0.99, 0.95, 0.9, 0.975, 0.6)]
+
+
+def _run_nf4(fn, case: Case) -> dict[str, torch.Tensor]:
+    return {"code": fn(case["offset"])}
+
+
+def _tensor(case: Case) -> torch.Tensor:
+    """Random weights with a per-row scale spread (so blocks differ), an all-zero block when asked."""
+    g = torch.Generator().manual_seed(case["seed"])
+    x = torch.randn(*case["shape"], generator=g) * case["std"]
+    if case.get("zero_block"):
+        x.view(-1)[: case["blocksize"]] = 0.0
+    return x.to(_DTYPES[case["dtype"]])
+
+
+def _has_ties(case: Case) -> bool:
+    """True if some value sits so close to a decision midpoint that x / absmax and x * (1 / absmax) (or
+    bitsandbytes' division in a partial last block) round it differently. Half-precision inputs hit such
+    ties often (value and absmax both have 8 or 11 significant bits); such a case would fail a correct
+    answer that normalises the other way, so it is redrawn."""
+    x = _tensor(case).reshape(-1).float()
+    n, bs = x.numel(), case["blocksize"]
+    blocks = F.pad(x, (0, -n % bs)).view(-1, bs)
+    absmax = blocks.abs().amax(dim=1, keepdim=True).clamp(min=1e-38)
+    code = quant.get_code(case["quant_type"])
+    by_mul = quant.nearest_code_index((blocks * (1.0 / absmax)).clamp(-1, 1), code)
+    by_div = quant.nearest_code_index((blocks / absmax).clamp(-1, 1), code)
+    return not torch.equal(by_mul, by_div)
+
+
+def _quant_cases() -> list[Case]:
+    rng = random.Random(505)
+    cases = []
+    for i in range(14):
+        shape = rng.choice([(rng.randint(1, 40), rng.randint(1, 300)), (rng.randint(1, 3000),),
+                            (2, rng.randint(1, 20), rng.randint(1, 70))])
+        qtype = ("nf4", "fp4", "int4")[i % 3]
+        case = dict(seed=500 + i, shape=shape, dtype=("float32", "bfloat16", "float16")[(i // 3) % 3],
+                    std=rng.choice([0.02, 1.0, 37.0]), quant_type=qtype, blocksize=rng.choice([32, 64, 128, 256]),
+                    zero_block=(qtype == "nf4" and i % 2 == 0))
+        while _has_ties(case):
+            case["seed"] += 1000
+        cases.append(case)
+    return cases
+
+
+def _run_quantize(fn, case: Case) -> dict[str, torch.Tensor]:
+    x = _tensor(case)
+    codes, absmax = fn(x, quant.get_code(case["quant_type"]), case["blocksize"])
+    return {"codes": codes.reshape(-1), "absmax": absmax}
+
+
+def _run_dequantize(fn, case: Case) -> dict[str, torch.Tensor]:
+    x = _tensor(case)
+    code = quant.get_code(case["quant_type"])
+    codes, absmax = reference_quantize_blockwise(x, code, case["blocksize"])
+    out = fn(codes, absmax, code, tuple(x.shape), case["blocksize"], _DTYPES[case["dtype"]])
+    return {"out": out}
+
+
+def _pack_cases() -> list[Case]:
+    rng = random.Random(506)
+    return [dict(seed=600 + i, n=rng.choice([1, 2, 3, 64, 255, 1000, 4097]), pad=rng.choice([0, 7, 15]))
+            for i in range(10)]
+
+
+def _codes(case: Case) -> torch.Tensor:
+    g = torch.Generator().manual_seed(case["seed"])
+    return torch.randint(0, 16, (case["n"],), generator=g, dtype=torch.int64).to(torch.uint8)
+
+
+def _run_pack(fn, case: Case) -> dict[str, torch.Tensor]:
+    return {"packed": fn(_codes(case), pad=case["pad"]).reshape(-1)}
+
+
+def _run_unpack(fn, case: Case) -> dict[str, torch.Tensor]:
+    packed = reference_pack_4bit(_codes(case), case["pad"])
+    return {"codes": fn(packed, case["n"]).reshape(-1).to(torch.int64)}
+
+
+def _bits_cases() -> list[Case]:
+    cases = []
+    for bs in (32, 64, 128, 256, 4096):
+        for dq in (False, True):
+            cases.append(dict(blocksize=bs, double_quant=dq, dq_blocksize=256))
+    cases.append(dict(blocksize=64, double_quant=True, dq_blocksize=128))
+    return cases
+
+
+def _run_bits(fn, case: Case) -> dict[str, torch.Tensor]:
+    v = fn(blocksize=case["blocksize"], double_quant=case["double_quant"], dq_blocksize=case["dq_blocksize"])
+    return {"bits": torch.tensor(float(v), dtype=torch.float64)}
+
+
+def _layer_cases() -> list[Case]:
+    rng = random.Random(507)
+    cases = []
+    for i in range(8):
+        in_f, out_f = rng.choice([16, 33, 64, 96, 130]), rng.choice([5, 24, 48, 64])
+        r = rng.choice([1, 2, 4, 8])
+        r = max(r, -(-16 // in_f))                 # at least 16 values of A, so the init check is meaningful
+        cases.append(dict(seed=700 + i, in_f=in_f, out_f=out_f, r=r, alpha=rng.choice([1.0, 8.0, 16.0, 32.0]),
+                          blocksize=rng.choice([32, 64, 128]), std=rng.choice([0.02, 0.5]),
+                          batch=rng.choice([(3,), (2, 5)])))
+    return cases
+
+
+def _run_layer(cls, case: Case) -> dict[str, torch.Tensor]:
+    in_f, out_f, r = case["in_f"], case["out_f"], case["r"]
+    g = torch.Generator().manual_seed(case["seed"])
+    w = torch.randn(out_f, in_f, generator=g) * case["std"]
+    torch.manual_seed(case["seed"] + 1)
+    layer = cls(in_f, out_f, rank=r, alpha=case["alpha"], blocksize=case["blocksize"])
+    A, B = layer.lora_A.detach(), layer.lora_B.detach()
+    bound = 1 / math.sqrt(in_f)
+    init_ok = (tuple(A.shape) == (r, in_f) and tuple(B.shape) == (out_f, r) and bool((B == 0).all())
+               and float(A.abs().max()) <= bound * (1 + 1e-6) and float(A.abs().max()) > 0.5 * bound)
+    layer.quantize_weight(w)
+    params = {id(p) for p in layer.parameters()}
+    kept = list(layer.named_buffers()) + [(k, v) for k, v in vars(layer).items() if isinstance(v, torch.Tensor)]
+    float_copies = [n for n, t in kept
+                    if id(t) not in params and t.is_floating_point() and t.numel() >= w.numel()]
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.randn(r, in_f, generator=g) * bound)
+        layer.lora_B.copy_(torch.randn(out_f, r, generator=g) * 0.1)
+    x = torch.randn(*case["batch"], in_f, generator=g).requires_grad_(True)
+    y = layer(x)
+    y.backward(torch.randn(y.shape, generator=g))
+    return {"init_ok": torch.tensor(init_ok), "no_float_copy": torch.tensor(not float_copies),
+            "weight_4bit": layer.weight_4bit.reshape(-1), "absmax": layer.absmax.reshape(-1).float(),
+            "weight": layer.dequantize_weight().detach(), "out": y.detach(),
+            "grad_A": layer.lora_A.grad.detach(), "grad_B": layer.lora_B.grad.detach(), "grad_x": x.grad.detach()}
+
+
+register(Exercise(id="05.nf4_code", symbol="nf4_code", reference=quant.nf4_code,
+                  cases=_nf4_cases, run=_run_nf4, atol=2e-7, rtol=0.0))
+register(Exercise(id="05.quantize_blockwise", symbol="quantize_blockwise", reference=reference_quantize_blockwise,
+                  cases=_quant_cases, run=_run_quantize, atol=0.0, rtol=0.0))
+register(Exercise(id="05.dequantize_blockwise", symbol="dequantize_blockwise",
+                  reference=reference_dequantize_blockwise, cases=_quant_cases, run=_run_dequantize,
+                  atol=0.0, rtol=0.0))
+register(Exercise(id="05.pack_4bit", symbol="pack_4bit", reference=reference_pack_4bit,
+                  cases=_pack_cases, run=_run_pack, atol=0.0, rtol=0.0))
+register(Exercise(id="05.unpack_4bit", symbol="unpack_4bit", reference=reference_unpack_4bit,
+                  cases=_pack_cases, run=_run_unpack, atol=0.0, rtol=0.0))
+register(Exercise(id="05.bits_per_parameter", symbol="bits_per_parameter", reference=quant.bits_per_parameter,
+                  cases=_bits_cases, run=_run_bits, atol=1e-12, rtol=0.0))
+register(Exercise(id="05.qlora_linear", symbol="QLoRALinear", reference=ReferenceQLoRALinear,
+                  cases=_layer_cases, run=_run_layer, atol=1e-5, rtol=1e-4))
