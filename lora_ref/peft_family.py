@@ -25,6 +25,7 @@ keep positions 0..t-1 (explicit ``position_ids``), so a prefix the attention ign
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -91,25 +92,33 @@ class _FrozenLMWrapper(nn.Module):
         return self.base_model.get_input_embeddings().weight.dtype
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, eos_token_id: int | None = None,
-                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Greedy decoding, recomputing the whole sequence each step (simple and exact; O(T^2) is fine
-        at course scale). Returns the new tokens (b, <= max_new_tokens); rows that hit EOS are padded with it."""
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 32, eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 do_sample: bool = False) -> torch.Tensor:
+        """Greedy decoding with the same call and return convention as Hugging Face ``generate``
+        (returns prompt + new tokens, so :func:`lora_ref.training.generate_answers` works unchanged).
+        Recomputes the whole sequence each step: simple and exact; O(T^2) is fine at course scale.
+        Rows that finished (EOS) are filled with ``pad_token_id`` (default: EOS)."""
+        if do_sample:
+            raise ValueError("do_sample=True is not supported: greedy decoding only")
+        if eos_token_id is None:
+            eos_token_id = getattr(self.base_model.generation_config, "eos_token_id", None)
+        if isinstance(eos_token_id, (list, tuple)):
+            eos_token_id = eos_token_id[0]
+        fill = eos_token_id if pad_token_id is None else pad_token_id
         ids = input_ids
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        new = []
         for _ in range(max_new_tokens):
             nxt = self(ids, attention_mask=mask).logits[:, -1].argmax(-1)
             if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                nxt = torch.where(done, torch.full_like(nxt, fill), nxt)
                 done |= nxt == eos_token_id
-            new.append(nxt)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones_like(nxt[:, None])], dim=1)
             if eos_token_id is not None and bool(done.all()):
                 break
-        return torch.stack(new, dim=1) if new else ids[:, :0]
+        return ids
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,6 +342,23 @@ def prefix_tuning_params(n: int, num_layers: int, kv_dim: int, d: int | None = N
 def lora_params(layer_shapes: list[tuple[int, int]], r: int) -> int:
     """sum over adapted (out, in) layers of r (in + out)."""
     return sum(r * (i + o) for o, i in layer_shapes)
+
+
+def token_weighted_perplexity(batch_losses: list[float], batch_tokens: list[int]) -> float:
+    """exp( sum_b loss_b n_b / sum_b n_b ): the perplexity of the whole evaluation set.
+
+    ``batch_losses``: mean token loss of each batch; ``batch_tokens``: tokens that carried loss in it.
+    The seed article returns mean_b exp(loss_b) instead, which (Jensen) is >= this, depends on how the data
+    is batched, and is a perplexity, not a task score: lower is better and it says nothing about whether
+    the answers are right (that is what fact accuracy measures).
+    """
+    if len(batch_losses) != len(batch_tokens) or not batch_losses:
+        raise ValueError(f"need one token count per batch loss: {len(batch_losses)} losses, "
+                         f"{len(batch_tokens)} counts")
+    if any(n < 0 for n in batch_tokens) or sum(batch_tokens) == 0:
+        raise ValueError(f"token counts {batch_tokens} must be >= 0 with a positive total")
+    total = sum(float(l) * n for l, n in zip(batch_losses, batch_tokens))
+    return math.exp(total / sum(batch_tokens))
 
 
 def build(method: str, model: nn.Module, num_virtual_tokens: int = 8, **kw) -> _FrozenLMWrapper:

@@ -111,6 +111,46 @@ def read_peft_adapter(folder: str | Path) -> AdapterWeights:
 
 
 # --------------------------------------------------------------------------------------------------
+# the two formulas
+# --------------------------------------------------------------------------------------------------
+
+def merged_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+                  sign: float = 1.0) -> torch.Tensor:
+    """W' = W + sign * s B A, computed in fp32 and rounded once to W's dtype (PEFT does the same).
+
+    W (out, in), A (r, in), B (out, r). ``sign=-1`` unmerges. Raises ValueError on mismatched shapes or a
+    non-finite result (PEFT's ``safe_merge``). Rounding the sum to bf16 loses every part of s B A smaller
+    than half a bf16 step of W (peft#1388): measured in notebook 07.
+    """
+    r = A.shape[0]
+    if W.dim() != 2 or A.shape != (r, W.shape[1]) or B.shape != (W.shape[0], r):
+        raise ValueError(f"shapes do not fit W' = W + s B A: W {tuple(W.shape)}, A {tuple(A.shape)}, "
+                         f"B {tuple(B.shape)} (need A (r, in), B (out, r))")
+    out = W.float() + sign * scaling * (B.float() @ A.float())
+    if not torch.isfinite(out).all():
+        raise ValueError("merge produced non-finite values (NaN/Inf)")
+    return out.to(W.dtype)
+
+
+def batched_lora_delta(x: torch.Tensor, A_all: torch.Tensor, B_all: torch.Tensor, s_all: torch.Tensor,
+                       idx: torch.Tensor) -> torch.Tensor:
+    r"""The LoRA branch of a batch in which row i uses adapter idx[i] (Punica's BGMV, S-LoRA's idea).
+
+    delta_i = s_{idx[i]} * x_i A_{idx[i]}^T B_{idx[i]}^T, by gathering each row's A and B and two bmm's:
+    x (b, t, in) or (b, in); A_all (n, r, in); B_all (n, out, r); s_all (n,); idx (b,) long -> (b, t, out)
+    or (b, out), in A_all's dtype. Adapters of smaller rank are zero-padded to r (exact).
+    """
+    if idx.dim() != 1 or idx.shape[0] != x.shape[0]:
+        raise ValueError(f"idx must have one entry per row: idx {tuple(idx.shape)}, x {tuple(x.shape)}")
+    squeeze = x.dim() == 2
+    h = x.unsqueeze(1) if squeeze else x.reshape(x.shape[0], -1, x.shape[-1])    # (b, t, in)
+    A_g, B_g = A_all[idx], B_all[idx]                                            # (b, r, in), (b, out, r)
+    h = torch.bmm(h.to(A_g.dtype), A_g.transpose(1, 2))                          # (b, t, r)
+    y = torch.bmm(h, B_g.transpose(1, 2)) * s_all[idx].to(A_g.dtype).view(-1, 1, 1)   # (b, t, out)
+    return y.squeeze(1) if squeeze else y.reshape(*x.shape[:-1], B_all.shape[1])
+
+
+# --------------------------------------------------------------------------------------------------
 # the layer
 # --------------------------------------------------------------------------------------------------
 
@@ -192,13 +232,7 @@ class MultiLoRALinear(nn.Module):
         idx = self.row_index                         # (b,), values in [0, n]; 0 = base
         if x.shape[0] != idx.shape[0]:
             raise ValueError(f"batch has {x.shape[0]} rows but {idx.shape[0]} adapter indices were given")
-        A_all, B_all, s_all = self._stack[1:]
-        squeeze = x.dim() == 2
-        h = x.unsqueeze(1) if squeeze else x.reshape(x.shape[0], -1, x.shape[-1])   # (b, t, in)
-        A_g, B_g = A_all[idx], B_all[idx]            # gather per row: (b, r, in), (b, out, r)
-        h = torch.bmm(h.to(A_g.dtype), A_g.transpose(1, 2))                          # (b, t, r)
-        y = torch.bmm(h, B_g.transpose(1, 2)) * s_all[idx].view(-1, 1, 1)            # (b, t, out)
-        return y.squeeze(1) if squeeze else y.reshape(*x.shape[:-1], self.out_features)
+        return batched_lora_delta(x, *self._stack[1:], idx)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters={list(self.adapters)}, active={self.active!r}"

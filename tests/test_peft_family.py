@@ -8,7 +8,8 @@ import torch
 from lora_ref.models import tiny_llama
 from lora_ref.peft_family import (PrefixTuning, PromptTuning, PTuning, build, causal_lm_loss,
                                   p_tuning_params, prefix_to_key_values, prefix_tuning_params,
-                                  prepend_virtual_tokens, prompt_tuning_params)
+                                  prepend_virtual_tokens, prompt_tuning_params,
+                                  token_weighted_perplexity)
 
 VARIANTS = [("prompt", {}), ("p-tuning", {"encoder": "lstm"}), ("p-tuning", {"encoder": "mlp"}),
             ("prefix", {}), ("prefix", {"reparam_hidden": None})]
@@ -139,13 +140,30 @@ def test_parameter_count_formulas(encoder):
         prefix_tuning_params(7, 2, kv_dim, reparam_hidden=8)
 
 
+def test_token_weighted_perplexity_vs_the_articles_eval_score():
+    import math
+    losses, tokens = [1.0, 3.0], [30, 10]
+    assert math.isclose(token_weighted_perplexity(losses, tokens), math.exp((30 + 30) / 40))
+    article = sum(math.exp(l) for l in losses) / len(losses)          # the seed article's "eval score"
+    assert article > token_weighted_perplexity(losses, tokens)
+    with pytest.raises(ValueError, match="one token count per batch"):
+        token_weighted_perplexity([1.0], [1, 2])
+
+
 def test_generate_and_errors():
     pt = PromptTuning(tiny_llama(seed=0), 2)
     ids, _ = batch(b=2, t=4)
+    pt.base_model.generation_config.eos_token_id = None
     out = pt.generate(ids, max_new_tokens=5)
-    assert out.shape == (2, 5)
+    assert out.shape == (2, 9) and torch.equal(out[:, :4], ids)      # HF convention: prompt + new tokens
     first = pt(ids).logits[:, -1].argmax(-1)
-    assert torch.equal(out[:, 0], first)
+    assert torch.equal(out[:, 4], first)
+    second = pt(out[:, :5]).logits[:, -1].argmax(-1)
+    assert torch.equal(out[:, 5], second)
+    # EOS: a row that emits it is filled with pad afterwards and decoding stops when all rows are done
+    eos = int(first[0])
+    out = pt.generate(ids, max_new_tokens=5, eos_token_id=eos, pad_token_id=0)
+    assert out[0, 4] == eos and (out[0, 5:] == 0).all()
     with pytest.raises(ValueError, match="num_virtual_tokens=0"):
         PromptTuning(tiny_llama(seed=0), 0)
     with pytest.raises(ValueError, match="method='lora'"):

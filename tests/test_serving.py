@@ -10,7 +10,7 @@ from lora_ref.adapters import save_adapter
 from lora_ref.lora import LoRAConfig, inject_lora, lora_layers
 from lora_ref.models import tiny_llama
 from lora_ref.serving import (AdapterServer, AdapterWeights, MultiLoRALinear, adapter_from_model,
-                              compare_latency, export_merged_model, measure_latency, merged_copy,
+                              batched_lora_delta, compare_latency, export_merged_model, measure_latency, merged_copy, merged_weight,
                               read_peft_adapter)
 
 
@@ -96,6 +96,28 @@ def test_mixed_layer_is_gather_bmm_with_zero_padding():
     layer.row_index = torch.tensor([1, 1])
     with pytest.raises(ValueError, match="3 rows but 2"):
         layer(x)
+
+
+def test_merged_weight_and_batched_delta_formulas():
+    W = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    A, B = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0], [2.0]])
+    # s B A = 0.5 * [[1, 0], [2, 0]]
+    assert torch.equal(merged_weight(W, A, B, 0.5), torch.tensor([[1.5, 2.0], [4.0, 4.0]]))
+    assert torch.equal(merged_weight(merged_weight(W, A, B, 0.5), A, B, 0.5, sign=-1), W)
+    Wb = torch.ones(4, 4, dtype=torch.bfloat16) * 100
+    tiny = merged_weight(Wb, torch.ones(1, 4) * 1e-2, torch.ones(4, 1), 1.0)      # 100.01 rounds to 100 in bf16
+    assert tiny.dtype == torch.bfloat16 and torch.equal(tiny, Wb)
+    with pytest.raises(ValueError, match="do not fit"):
+        merged_weight(W, A.t(), B, 1.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        merged_weight(W, A, B * float("inf"), 1.0)
+    x = torch.randn(3, 2)
+    A_all, B_all, s_all = torch.randn(2, 1, 2), torch.randn(2, 2, 1), torch.tensor([0.5, 2.0])
+    y = batched_lora_delta(x, A_all, B_all, s_all, torch.tensor([1, 0, 1]))
+    torch.testing.assert_close(y[1], 0.5 * B_all[0] @ A_all[0] @ x[1])
+    torch.testing.assert_close(y[2], 2.0 * B_all[1] @ A_all[1] @ x[2])
+    with pytest.raises(ValueError, match="one entry per row"):
+        batched_lora_delta(x, A_all, B_all, s_all, torch.tensor([1, 0]))
 
 
 def test_mixed_generation_equals_one_request_at_a_time(three):
