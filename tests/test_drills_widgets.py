@@ -49,3 +49,12 @@ def test_lazy_import_and_stats_widget(tmp_path):
     wd = lazy_drill_widget(topic="sizing", db=tmp_path / "q.sqlite", seed=3)
     assert wd.item.topic == "sizing"
     assert "<table>" in stats_widget(tmp_path / "q.sqlite").value
+
+
+def test_grading_run_never_touches_the_progress_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_DRILLS_HOME", str(tmp_path))
+    monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")
+    wd = drill_widget(seed=0)
+    assert wd.drill.progress.path is None and not (tmp_path / "progress.sqlite").exists()
+    monkeypatch.delenv("NBGRADER_EXECUTION")
+    assert drill_widget(seed=0).drill.progress.path == tmp_path / "progress.sqlite"

@@ -93,7 +93,7 @@ BUGS = [
             kp("set non-answer labels to -100", "100", "ignore"),
         ),
         corrects_article=True,
-        source="transformers causal-LM loss (labels shifted, -100 ignored); QLoRA Section 5 (train on target only); " + _ARTICLE,
+        source="transformers causal-LM loss (labels shifted, -100 ignored); QLoRA reference code qlora.py (train_on_source=False); " + _ARTICLE,
         follow_ups=("Write encode_example so that only answer tokens carry labels.",),
     ),
     Item(
@@ -258,7 +258,8 @@ BUGS = [
         answer=(
             "Line 3 computes the delta in the weights' dtype (bf16) and with autograd tracking (lora_A and lora_B "
             "require grad): the small delta is rounded in bf16 before the add, and a graph is built for nothing. "
-            "PEFT computes the delta in fp32 under no_grad and checks the result is finite. Line 4 builds a new "
+            "Compute the delta in fp32 under no_grad (PEFT casts half weights to fp32 on the CPU) and check the result "
+            "is finite (PEFT's safe_merge=True). Line 4 builds a new "
             "nn.Linear on the default device and dtype (fp32, CPU) with a wasted random init; assigning .data "
             "then silently gives a layer whose parameters are whatever merged_weight was, while its bias may be "
             "on another device. There is also no merged flag, so nothing stops a double merge, and no unmerge."

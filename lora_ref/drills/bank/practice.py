@@ -74,9 +74,8 @@ EVALUATION = [
             "padding. The model then spends capacity learning to predict prompts (and pad tokens), the loss is "
             "dominated by easy template tokens, and a falling loss says little about answer quality. Set the "
             "labels of every non-answer token to -100 (PyTorch cross-entropy's ignore_index), so only answer "
-            "tokens count; always mask padding (or set the pad labels to -100 via the attention mask). QLoRA "
-            "trains on target tokens only for this reason (its ablation found it better than training on "
-            "source and target)."
+            "tokens count; always mask padding (or set the pad labels to -100 via the attention mask). The QLoRA "
+            "reference code does the same by default (train_on_source=False: loss on the target only)."
         ),
         key_points=(
             kp("loss on prompt and padding tokens", "prompt", "padding"),
@@ -84,7 +83,7 @@ EVALUATION = [
             kp("only answer tokens count", "answer token", "answer only", "only answer"),
         ),
         corrects_article=True,
-        source="PyTorch CrossEntropyLoss(ignore_index=-100); transformers DataCollatorForCompletionOnlyLM / TRL; QLoRA Section 5 (train on target only)",
+        source="PyTorch CrossEntropyLoss(ignore_index=-100); TRL completion-only loss; QLoRA reference code qlora.py (train_on_source=False)",
         follow_ups=("What happens if pad_token == eos_token and padding is not masked?",),
     ),
     Item(
@@ -179,7 +178,7 @@ DEPLOYMENT = [
             "bf16 has 8 bits of significand precision (7 stored): a weight of magnitude 0.05 has a spacing "
             "of about 0.0002 between representable values, and adapter deltas are often smaller, so W + delta "
             "rounds part of the update away (peft#1388). Unmerged, the base and adapter outputs are added in the "
-            "activation, which keeps them. Compute delta in fp32 (PEFT does for half weights), add in fp32 and "
+            "activation, which keeps them. Compute delta in fp32 (PEFT does for half weights on the CPU), add in fp32 and "
             "round once; measure the drift (max abs difference of logits, task accuracy); if it matters, serve "
             "merged weights in fp16/fp32 or keep the adapter unmerged."
         ),
@@ -245,6 +244,28 @@ DEPLOYMENT = [
         key_points=(kp("r (in + out) vs in x out", "r"), kp("2r/d", "2r")),
         source="FLOP count of a linear layer; LoRA paper Section 4.2",
         follow_ups=("Why can the measured slowdown be much larger than 0.8%?",),
+    ),
+    Item(
+        id="deploy.missing-keys", topic="deployment", kind="free", difficulty=2,
+        prompt="You load a LoRA adapter and PEFT warns about missing adapter keys (or the outputs are identical to the base model). What happened and how do you check?",
+        answer=(
+            "The adapter's key names did not match the model's modules, so those lora_A/lora_B weights were never "
+            "loaded and stayed at their initialisation: B = 0, so the adapter is a silent no-op. Typical causes: the "
+            "adapter was trained on another base model or architecture (module names differ), a different prefix "
+            "(base_model.model. missing or doubled after wrapping twice), different target_modules in "
+            "adapter_config.json, or saved from a model with modules_to_save/extra layers. Check: compare the set of "
+            "lora keys in adapter_model.safetensors with the model's state dict (no missing, no unexpected), "
+            "compare logits with the adapter enabled and disabled (they must differ), and treat missing-key "
+            "warnings as errors in tests."
+        ),
+        key_points=(
+            kp("key names do not match: weights not loaded", "key", "match"),
+            kp("B stays zero: silent no-op", "zero", "no op", "no-op", "identical"),
+            kp("wrong base model / prefix / target modules", "prefix", "base model", "target"),
+            kp("compare key sets and logits with adapter on and off", "logit", "compare"),
+        ),
+        source="peft#2566 (missing adapter keys on load); PEFT set_peft_model_state_dict / load_adapter warnings",
+        follow_ups=("How would you make a missing key fail loudly in lora_ref.adapters.load_adapter?",),
     ),
 ]
 

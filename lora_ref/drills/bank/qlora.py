@@ -211,15 +211,16 @@ ITEMS = [
         prompt="QLoRA fine-tunes a 65B model on one 48 GB GPU. Where does the memory go?",
         answer=(
             "Weights: 65e9 * (4 + 0.127) bits / 8 = about 33.5 GB in NF4 with double quantisation (vs 130 GB in "
-            "bf16). LoRA adapters on all linear layers at r = 64: a few hundred million parameters, with bf16 "
-            "weights, gradients and two fp32 Adam moments about 12 bytes each: a few GB. Activations with "
+            "bf16). LoRA adapters on all linear layers at r = 64: about 0.8B parameters for LLaMA-65B; with bf16 "
+            "weights and gradients and two fp32 Adam moments (12 bytes each) about 10 GB, the second-largest "
+            "item. Activations with "
             "gradient checkpointing: only each layer's input is stored, a few GB at moderate sequence length. "
             "Paged optimizers absorb the spikes. Full 16-bit fine-tuning with Adam would need over 780 GB "
             "(16 bytes per parameter, plus activations)."
         ),
         key_points=(
             kp("4.127 bits per weight: ~33 GB", "33", "4.127", "4 bit"),
-            kp("adapters + optimizer state are small", "adapter"),
+            kp("adapters with their optimizer state: about 10 GB", "adapter"),
             kp("gradient checkpointing for activations", "checkpointing"),
             kp("paged optimizers for spikes", "paged"),
             kp("full fine-tuning > 780 GB", "780", "16 byte"),
@@ -248,5 +249,46 @@ ITEMS = [
         ),
         source="ANCHORS H200 measurements (transformers + bitsandbytes + PEFT); bitsandbytes#1141",
         follow_ups=("How big are the fp32 logits for 4 x 512 tokens and a 32,000-word vocabulary?",),
+    ),
+    Item(
+        id="qlora.speed-tradeoff", topic="qlora", kind="choice", difficulty=2,
+        prompt=("torchtune reports Llama-3.1-8B on one RTX 4090: LoRA 16.2 GiB at 3,083 tokens/s, QLoRA 7.4 GiB at "
+                "2,413 tokens/s. What does that say?"),
+        choices=("QLoRA trades about 22% of throughput for less than half the memory",
+                 "QLoRA is faster because 4-bit weights move fewer bytes",
+                 "The figures must be wrong: QLoRA cannot be slower than LoRA",
+                 "QLoRA saves memory only on the optimizer state"),
+        correct=0,
+        answer=(
+            "2,413 / 3,083 = 0.78: QLoRA is about 22% slower, because every frozen weight is dequantised to bf16 in "
+            "the forward pass, again in the backward pass (and once more when gradient checkpointing recomputes "
+            "the forward); in exchange the base weights take about 4.1 instead of 16 bits. On an H200, "
+            "transformers + bitsandbytes measured 0.405 s vs 0.253 s per step for Llama-2-7B (5,060 vs 8,088 "
+            "tokens/s). The saving is on the weights, not the optimizer state (which is tiny for adapters)."
+        ),
+        key_points=(kp("slower by the dequantisation work", "dequantiz"), kp("less than half the memory", "memory")),
+        source="torchtune published LoRA/QLoRA benchmarks (Llama-3.1-8B, RTX 4090); ANCHORS H200 measurements; bitsandbytes#465",
+        follow_ups=("When is 4-bit faster than 16-bit?",),
+    ),
+    Item(
+        id="qlora.why-slower", topic="qlora", kind="free", difficulty=3,
+        prompt="Why is 4-bit QLoRA training slower than 16-bit LoRA, yet 4-bit inference at batch size 1 can be faster?",
+        answer=(
+            "Training is compute-bound at realistic batch sizes: the matmuls run in bf16 either way, and QLoRA adds "
+            "dequantisation of every weight in the forward pass, again in the backward pass (for the input "
+            "gradient), and again when gradient checkpointing recomputes the forward: extra kernels and memory "
+            "traffic, no FLOPs saved. Token-by-token inference at batch 1 is memory-bandwidth-bound: each weight "
+            "is read once per token, so reading about 4.1 bits instead of 16 can make it faster, if the kernel "
+            "fuses dequantisation into the matrix-vector product (bitsandbytes' gemv path). With large batches "
+            "the advantage disappears."
+        ),
+        key_points=(
+            kp("training is compute-bound; matmuls in bf16 anyway", "compute bound", "bf16"),
+            kp("dequantise in forward, backward and recompute", "dequantiz", "backward"),
+            kp("batch-1 inference is memory-bandwidth-bound", "bandwidth", "memory bound"),
+            kp("fewer bytes read per weight helps only with fused kernels / small batches", "fused", "fewer byte", "small batch", "batch 1"),
+        ),
+        source="bitsandbytes#465 (4-bit slower than 16-bit); roofline reasoning; ANCHORS (NF4 dequantise 0.066 ms per 45M weights on H200)",
+        follow_ups=("What arithmetic intensity does a batch-1 matrix-vector product have?",),
     ),
 ]
