@@ -113,3 +113,11 @@ def test_list_show_topics_stats(tmp_path):
 def test_parser_rejects_unknown_topic():
     with pytest.raises(SystemExit):
         call(["practice", "--topic", "astrology"])
+
+
+def test_console_entry_point_reads_sys_argv(monkeypatch, tmp_path):
+    # pyproject: lora-drill = "lora_ref.drills.cli:main" calls main() with no arguments
+    monkeypatch.setattr(sys, "argv", ["lora-drill", "--db", str(tmp_path / "p.sqlite"), "stats", "--json"])
+    out = io.StringIO()
+    assert main(inp=io.StringIO(), out=out) == 0
+    assert json.loads(out.getvalue())["reviews"] == 0

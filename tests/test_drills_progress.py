@@ -73,6 +73,13 @@ def test_foreign_database_and_damaged_rows(tmp_path):
         Progress(tmp_path)
 
 
+def test_unwritable_location_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ProgressError, match="cannot create the folder"):
+        Progress(blocker / "sub" / "p.sqlite")
+
+
 def test_default_path_honours_env(monkeypatch, tmp_path):
     monkeypatch.setenv("LORA_DRILLS_HOME", str(tmp_path / "drills"))
     assert default_path() == tmp_path / "drills" / "progress.sqlite"

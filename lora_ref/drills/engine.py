@@ -218,7 +218,8 @@ class MockInterview:
         for r in self.results:
             by_topic.setdefault(r.item.topic, []).append(r.grade.score)
         used = min(self.minutes * 60, time.monotonic() - self._start)
-        lines = [f"Mock interview: {len(self.results)} questions in {used / 60:.1f} of {self.minutes:g} minutes, "
+        n = len(self.results)
+        lines = [f"Mock interview: {n} question{'s' if n != 1 else ''} in {used / 60:.1f} of {self.minutes:g} minutes, "
                  f"mean score {sum(r.grade.score for r in self.results) / len(self.results):.0%}"]
         for t, scores in sorted(by_topic.items(), key=lambda kv: sum(kv[1]) / len(kv[1])):
             lines.append(f"  {TOPICS[t]:<52} {sum(scores) / len(scores):>5.0%}  ({len(scores)})")

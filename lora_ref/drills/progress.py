@@ -108,10 +108,19 @@ class Progress:
         if self.path is not None:
             if self.path.is_dir():
                 raise ProgressError(f"progress path {self.path} is a directory; give a file path (--db FILE)")
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ProgressError(f"cannot create the folder for progress file {self.path}: {err}. "
+                                    f"Set $LORA_DRILLS_HOME or --db to a writable place.") from None
         try:
             self.db = sqlite3.connect(target)
             self._check_and_create()
+        except sqlite3.OperationalError as err:
+            if "unable to open" in str(err) or "readonly" in str(err):
+                raise ProgressError(f"cannot open or write progress file {self.path}: {err}. Set "
+                                    f"$LORA_DRILLS_HOME or --db to a writable place.") from None
+            raise ProgressError(self._corrupt(err)) from None
         except sqlite3.DatabaseError as err:
             raise ProgressError(self._corrupt(err)) from None
 
