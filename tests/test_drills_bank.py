@@ -126,3 +126,15 @@ def test_validate_item_rejects_bad_items():
         validate_item(replace(bank.get_item("lora.init"), key_points=(kp("x", "x"),)))
     with pytest.raises(KeyError, match="no bank item"):
         bank.get_item("lora.nope")
+
+
+def test_key_points_are_specific_to_their_question():
+    """Another question's model answer should not earn the points, except for items on the same subject."""
+    from lora_ref.drills.grading import grade_free
+    free = [i for i in ITEMS if i.kind == "free"]
+    scores = {(it.id, o.id): grade_free(it, o.answer).score for it in free for o in ITEMS if o.id != it.id}
+    assert sum(scores.values()) / len(scores) < 0.15
+    same_subject = {("lora.no-latency", "deploy.merge-vs-separate"), ("rank.model-size", "rank.choose"),
+                    ("qlora.three", "qlora.not-innovation"), ("qlora.dq", "qlora.three"), ("qlora.paged", "qlora.three"),
+                    ("eval.perplexity", "bug.eval-score"), ("eval.loss-masking", "bug.labels")}
+    assert {pair for pair, s in scores.items() if s == 1.0} <= same_subject

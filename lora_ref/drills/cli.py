@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable, TextIO
 
@@ -285,6 +286,10 @@ def main(argv: list[str] | None = None, inp: TextIO | None = None, out: TextIO |
     except KeyboardInterrupt:
         con.say("\nStopped.")
         return 130
+    except BrokenPipeError:                    # `lora-drill list | head`: the reader left, not an error
+        if out is None:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

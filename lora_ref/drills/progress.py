@@ -19,7 +19,6 @@ Statistics (:meth:`Progress.stats`):
 """
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 from dataclasses import dataclass

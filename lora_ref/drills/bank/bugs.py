@@ -319,10 +319,10 @@ IMPLEMENTATION = [
             "enable only lora_A/lora_B (PEFT's mark_only_lora_as_trainable), and check with a parameter count."
         ),
         key_points=(
-            kp("other parameters stay trainable (embeddings, norms, MLP, lm_head)", "embedding", "norm", "lm_head", "rest"),
-            kp("effectively full fine-tuning: no memory savings", "full", "memory"),
-            kp("freeze everything, then enable only A and B", "freeze", "only"),
-            kp("check with a parameter count", "count", "ratio"),
+            kp("other parameters stay trainable (embeddings, norms, MLP, lm_head)", "keep requires_grad", "stay trainable", "still trainable", "remain trainable"),
+            kp("effectively full fine-tuning: no memory savings", "full fine-tuning", "no memory saving"),
+            kp("freeze everything, then enable only A and B", "freeze all", "freeze everything", "only lora"),
+            kp("check with a parameter count", "parameter count", "trainable ratio", "count trainable"),
         ),
         corrects_article=True,
         source="PEFT mark_only_lora_as_trainable; lora_ref.lora.inject_lora (freezes everything else); " + _ARTICLE,
@@ -339,10 +339,10 @@ IMPLEMENTATION = [
             "same parameter object (no copy, same device, dtype, quantised type, hooks)."
         ),
         key_points=(
-            kp("weight key gains base_layer", "base_layer", "base layer"),
-            kp("lora_A / lora_B keys added", "lora_a", "lora a"),
+            kp("weight key gains base_layer", "base_layer"),
+            kp("lora_A / lora_B keys added", "lora_A.weight", "lora_a key", "new keys"),
             kp("merge_and_unload restores original names", "unload", "original name", "restor"),
-            kp("same parameter object, no copy", "no copy", "same", "without copy"),
+            kp("same parameter object, no copy", "no copy", "same parameter object", "very same parameter"),
         ),
         source="PEFT LoraLayer.base_layer and merge_and_unload; STYLE.md lesson 1",
         follow_ups=("What error do you see when loading an adapter whose keys do not match (peft#2566)?",),

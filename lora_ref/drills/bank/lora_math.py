@@ -40,8 +40,8 @@ ITEMS = [
         key_points=(
             kp("B is zero at init", "b zero"),
             kp("A is random (Gaussian in the paper, kaiming uniform in PEFT)", "a random", "gaussian", "kaiming"),
-            kp("so delta W = 0: the model starts as the pretrained one", "start", "delta w zero", "unchanged", "identical"),
-            kp("both zero would give zero gradients (nothing trains)", "both zero", "gradient zero", "zero gradient"),
+            kp("so delta W = 0: the model starts as the pretrained one", "starts exactly as", "delta w = 0", "starts as the pretrained", "unchanged", "identical"),
+            kp("both zero would give zero gradients (nothing trains)", "both zero", "both were zero", "nothing trains", "never train"),
         ),
         source="LoRA paper Section 4.1; PEFT LoraLayer.reset_lora_parameters (kaiming_uniform_(a=sqrt(5)) on lora_A, zeros on lora_B)",
         follow_ups=("What goes wrong if you initialise A to zero and B randomly?",
@@ -97,9 +97,9 @@ ITEMS = [
             "(16.8M of 6.7B), and against only the targeted matrices it is 128x."
         ),
         key_points=(
-            kp("r (d_in + d_out) per layer", "r d_in d_out", "r in out", "r d in out"),
-            kp("square layer ratio d / 2r (128x at d=4096, r=16)", "128", "2r"),
-            kp("per-matrix ratio is not the model-wide ratio", "per matrix", "model wide", "whole model", "all of"),
+            kp("r (d_in + d_out) per layer", "r d_in d_out", "r in_features out_features", "rank times sum"),
+            kp("square layer ratio d / 2r (128x at d=4096, r=16)", "128", "d 2r"),
+            kp("per-matrix ratio is not the model-wide ratio", "per matrix", "model wide", "whole model", "all of a 7b"),
         ),
         corrects_article=True,
         source="LoRA paper Section 4.1; the article's 'Key Principle Diagram' (131K per 4096x4096 matrix, 128x)",
@@ -175,9 +175,9 @@ ITEMS = [
         ),
         key_points=(
             kp("input gradient through W0 is still computed", "input gradient", "dx", "grad input", "through w0"),
-            kp("weight gradient of W0 is skipped", "weight gradient", "dw0", "skip"),
+            kp("weight gradient of W0 is skipped", "weight gradient dw0", "weight gradient is skipped", "skipped weight gradient", "dw0"),
             kp("about 4N instead of 6N FLOPs per token (a third saved)", "4n", "third", "6n"),
-            kp("activations still stored", "activation"),
+            kp("activations still stored", "activations must still be stored", "activations stored", "activations still"),
         ),
         corrects_article=True,
         source="Backprop of a linear layer; LoRA paper Section 4.2 (25% training speed-up on GPT-3 175B); the article's analyze_lora_complexity",

@@ -86,10 +86,10 @@ ITEMS = [
             "fine-tuning would need 50 copies of 13.5 GB."
         ),
         key_points=(
-            kp("LoRA adapters, small files per customer", "lora", "adapter"),
-            kp("one shared frozen base", "shared", "one base", "single base"),
-            kp("unmerged, switched or batched per request", "unmerged", "per request", "batch"),
-            kp("full fine-tuning = 50 full copies", "50", "copies", "copy"),
+            kp("LoRA adapters, small files per customer", "per customer", "adapter per", "adapter each"),
+            kp("one shared frozen base", "shared frozen base", "shared base", "one base", "single base"),
+            kp("unmerged, switched or batched per request", "unmerged", "per request", "batch request"),
+            kp("full fine-tuning = 50 full copies", "50 copies", "full copy"),
         ),
         source="LoRA paper Section 1 (task switching) and Section 4.2; S-LoRA (arXiv 2311.03285); vLLM LoRA serving",
         follow_ups=("How big is one adapter at r=16 on q,k,v,o of Llama-2-7B in bf16?",),
@@ -108,11 +108,11 @@ ITEMS = [
             "small data, many tasks or tenants, limited memory, and when forgetting the base skills matters."
         ),
         key_points=(
-            kp("large domain shift with lots of data", "domain", "data", "far"),
-            kp("LoRA learns less (and forgets less)", "learns less", "forget"),
-            kp("new vocabulary/embeddings", "vocab", "embedding", "token"),
-            kp("small model or enough memory (16 bytes/param)", "small model", "memory", "16 byte"),
-            kp("LoRA for many tasks, small data, limited memory", "many task", "small data", "limited memory", "tenant"),
+            kp("large domain shift with lots of data", "new domain", "far from pre-training", "domain shift", "continued pre-training"),
+            kp("LoRA learns less (and forgets less)", "learns less"),
+            kp("new vocabulary/embeddings", "new tokens", "new vocabulary", "embeddings need"),
+            kp("small model or enough memory (16 bytes/param)", "small model", "16 bytes per parameter", "have the memory"),
+            kp("LoRA for many tasks, small data, limited memory", "many tasks", "small data", "limited memory", "tenants"),
         ),
         source="Biderman et al. 2024 (arXiv 2405.09673); LoRA paper Section 5; PEFT modules_to_save",
         follow_ups=("What does 'forgets less' mean in measurable terms?",),

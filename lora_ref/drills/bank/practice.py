@@ -39,10 +39,10 @@ EVALUATION = [
             "metric (e.g. fact accuracy) as the score."
         ),
         key_points=(
-            kp("it is perplexity; lower is better", "perplexit", "lower"),
-            kp("not a task metric", "task metric", "task"),
-            kp("mean of per-batch exp is not corpus perplexity (token-weighted)", "token", "weight", "jensen"),
-            kp("loss includes prompt/padding tokens", "prompt", "padding"),
+            kp("it is perplexity; lower is better", "lower is better", "perplexity lower"),
+            kp("not a task metric", "task metric", "whether it does the task"),
+            kp("mean of per-batch exp is not corpus perplexity (token-weighted)", "token weighted", "total tokens", "jensen"),
+            kp("loss includes prompt/padding tokens", "includes the prompt", "prompt and padding", "prompt tokens"),
         ),
         corrects_article=True,
         source="The article's CustomerServiceLoRATrainer._evaluate; perplexity definition exp(sum NLL / N tokens)",
@@ -163,10 +163,10 @@ DEPLOYMENT = [
             "this (peft#1080, #2105, qlora#28) and report quality drops after merge (peft#2368)."
         ),
         key_points=(
-            kp("4-bit weights cannot absorb a small delta exactly", "round", "4 bit", "requantiz", "re quantiz"),
-            kp("the adapter was trained against the quantised weights", "quantiz weight", "trained against", "w q"),
-            kp("dequantise to bf16, then merge", "dequantiz", "bf16"),
-            kp("compare outputs before/after", "compare", "output"),
+            kp("4-bit weights cannot absorb a small delta exactly", "requantiz", "re quantiz", "rounds most of it away", "cannot hold"),
+            kp("the adapter was trained against the quantised weights", "trained against"),
+            kp("dequantise to bf16, then merge", "dequantize the base", "dequantiz base", "bf16 base"),
+            kp("compare outputs before/after", "compare merged", "compare output", "before and after"),
         ),
         source="peft#1080, #2105, #2368; qlora#28; QLoRA Section 3",
         follow_ups=("Quantify the error of merging into the original bf16 weights vs into dequantised W_q.",),
@@ -202,10 +202,10 @@ DEPLOYMENT = [
             "merging would need one model copy per adapter."
         ),
         key_points=(
-            kp("shared unmerged base computed once", "shared", "once"),
+            kp("shared unmerged base computed once", "computed once", "shared unmerged", "base matmul once"),
             kp("per-request adapter term B_i A_i x", "per request", "each request"),
-            kp("batched / segmented kernels (Punica, S-LoRA, vLLM)", "punica", "s lora", "vllm", "sgmv"),
-            kp("adapters paged between CPU and GPU", "cpu", "pag"),
+            kp("batched / segmented kernels (Punica, S-LoRA, vLLM)", "punica", "vllm", "sgmv"),
+            kp("adapters paged between CPU and GPU", "paged into gpu", "cpu memory", "unified paging"),
         ),
         source="S-LoRA (arXiv 2311.03285); Punica (arXiv 2310.18547); vLLM LoRA adapters",
         follow_ups=("What is the extra FLOP cost per token of an unmerged r=16 adapter on q,k,v,o?",),
@@ -259,10 +259,10 @@ DEPLOYMENT = [
             "warnings as errors in tests."
         ),
         key_points=(
-            kp("key names do not match: weights not loaded", "key", "match"),
-            kp("B stays zero: silent no-op", "zero", "no op", "no-op", "identical"),
-            kp("wrong base model / prefix / target modules", "prefix", "base model", "target"),
-            kp("compare key sets and logits with adapter on and off", "logit", "compare"),
+            kp("key names do not match: weights not loaded", "key names did not match", "never loaded", "not loaded"),
+            kp("B stays zero: silent no-op", "silent no-op", "b = 0", "stayed at their initialisation"),
+            kp("wrong base model / prefix / target modules", "another base model", "prefix", "different target_modules"),
+            kp("compare key sets and logits with adapter on and off", "enabled and disabled", "compare logits", "compare the set"),
         ),
         source="peft#2566 (missing adapter keys on load); PEFT set_peft_model_state_dict / load_adapter warnings",
         follow_ups=("How would you make a missing key fail loudly in lora_ref.adapters.load_adapter?",),
@@ -376,10 +376,10 @@ PRECISION = [
             "in fp32 for stability (prepare_model_for_kbit_training)."
         ),
         key_points=(
-            kp("base weights NF4 with quantised constants", "nf4"),
-            kp("compute dtype bf16", "bf16", "compute"),
-            kp("adapters in 16 or 32 bits", "adapter"),
-            kp("optimizer state 32-bit (paged)", "optimizer", "paged"),
+            kp("base weights NF4 with quantised constants", "nf4 codes", "base weights nf4", "frozen base nf4"),
+            kp("compute dtype bf16", "compute bf16", "compute dtype bf16"),
+            kp("adapters in 16 or 32 bits", "lora adapters bf16", "adapters fp32", "adapters in bf16"),
+            kp("optimizer state 32-bit (paged)", "optimizer state 32 bit", "paged adamw"),
         ),
         source="QLoRA Section 3 (storage vs computation data type); PEFT prepare_model_for_kbit_training",
         follow_ups=("What happens if the compute dtype is left at the fp32 default?",),

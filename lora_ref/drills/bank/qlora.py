@@ -59,11 +59,11 @@ ITEMS = [
             "34.34, FP4 31.07/29.48, NF4+DQ 27.41)."
         ),
         key_points=(
-            kp("4-bit base is frozen, no 4-bit gradients", "frozen"),
-            kp("dequantised to bf16 compute dtype for each matmul", "dequantiz", "bf16", "compute"),
-            kp("gradients go to 16-bit LoRA adapters", "adapter", "lora"),
-            kp("NF4 with small blocks keeps error small", "nf4", "block"),
-            kp("matches 16-bit results in the paper's benchmarks", "match", "16 bit", "mmlu"),
+            kp("4-bit base is frozen, no 4-bit gradients", "4 bit weights are frozen", "frozen base", "no 4 bit gradients"),
+            kp("dequantised to bf16 compute dtype for each matmul", "dequantiz bf16", "bf16 compute"),
+            kp("gradients go to 16-bit LoRA adapters", "16 bit lora adapter", "gradients flow adapters"),
+            kp("NF4 with small blocks keeps error small", "small block", "blocks of 64"),
+            kp("matches 16-bit results in the paper's benchmarks", "matches 16 bit", "match 16 bit"),
         ),
         source="QLoRA paper Section 3 (eq. 5: Y = X doubleDequant(c1, c2, W) + X L1 L2) and Section 4 (Tables 2-4)",
         follow_ups=("Why is a bf16 adapter on a 4-bit base not the same as 4-bit training?",),
