@@ -202,16 +202,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--out", default="runs/lora-adapter", help="adapter folder (PEFT format)")
     ap.add_argument("--skip-base-eval", action="store_true", help="don't evaluate the base model first")
+    ap.add_argument("--heldout-limit", type=int, default=None, help="evaluate on the first N held-out examples")
     args = ap.parse_args(argv)
 
     device = pick_device() if args.device == "auto" else torch.device(args.device)
     torch.manual_seed(args.seed)
     splits = course_data.load_dataset()
+    heldout = splits.heldout[:args.heldout_limit] if args.heldout_limit else splits.heldout
     model, tok = load_smollm2(device=device)
-    print(f"device: {device}; train examples: {len(splits.train)}; held-out: {len(splits.heldout)}")
+    print(f"device: {device}; train examples: {len(splits.train)}; held-out: {len(heldout)}")
     metrics: dict = {"device": str(device), "args": vars(args)}
     if not args.skip_base_eval:
-        base = evaluate(model, tok, splits.heldout, progress=True)
+        base = evaluate(model, tok, heldout, progress=True)
         metrics["base"] = asdict(base)
         print(f"base model:  eval loss {base.eval_loss:.3f}  perplexity {base.perplexity:.1f}  "
               f"fact accuracy {base.fact_accuracy:.1%}")
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     print(count_parameters(model))
     res = train(model, tok, splits.train, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                 seed=args.seed, warmup_steps=min(10, args.steps // 10))
-    tuned = evaluate(model, tok, splits.heldout, progress=True)
+    tuned = evaluate(model, tok, heldout, progress=True)
     metrics.update(lora=asdict(tuned), train_seconds=res.seconds, final_train_loss=res.final_loss,
                    trainable=count_parameters(model).trainable, peak_memory_bytes=res.peak_memory_bytes)
     out = save_adapter(model, args.out, config)
