@@ -1,0 +1,103 @@
+"""The grading kernel: ipykernel, started inside the sandbox.
+
+``nbgrader autograde`` starts kernels from a kernelspec; the grading run writes one named
+``autograder-sandbox`` whose argv is ``python -m autograder.kernel -f {connection_file}``. This module
+then, before ipykernel exists (the process is still single-threaded):
+
+- enters the sandbox (:func:`autograder.sandbox.enter`): limits, read-only file system except the
+  autograded copy (the kernel's working folder) and the scratch folder, audit hook, parent watchdog;
+- writes its pid to ``<scratch>/kernel.pid`` so the grading worker can kill the kernel's process group
+  when the submission runs out of wall time;
+- caps what one cell may print (``AUTOGRADER_OUTPUT_BYTES``, default 1 MB; the rest is replaced by one
+  line), so a cell printing in a loop cannot exhaust the grader's memory;
+- records which cell starts (``<scratch>/progress.json``), so a cell that kills the kernel (``os._exit``,
+  a segfault) can be named in the result; on the retry, cells whose source hash is listed in
+  ``<scratch>/skip.json`` are replaced by a ``raise`` before they run (an input transformer), so the rest
+  of the notebook is graded and the crashing cell scores zero. Test cells cannot be edited by the learner
+  (nbgrader restores them), so this is the only way to get past a test cell that calls a crashing answer.
+
+Configuration comes from the environment of the grading worker: ``AUTOGRADER_SCRATCH`` (required),
+``AUTOGRADER_MEMORY_MB``, ``AUTOGRADER_CPU_S``, ``AUTOGRADER_FILE_MB``, ``AUTOGRADER_OUTPUT_BYTES``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from autograder import sandbox
+
+
+class CappedStream:
+    """Forward writes to ``stream`` until ``cap`` characters were written in the current cell."""
+
+    def __init__(self, stream, cap: int):
+        self._stream, self._cap, self.written, self.truncated = stream, cap, 0, False
+
+    def reset(self) -> None:
+        self.written, self.truncated = 0, False
+
+    def write(self, text):
+        if self.written >= self._cap:
+            if not self.truncated:
+                self.truncated = True
+                self._stream.write(f"\n[autograder: output of this cell truncated after {self._cap} characters]\n")
+            return len(text)
+        self.written += len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def main() -> None:
+    scratch = Path(os.environ["AUTOGRADER_SCRATCH"]).resolve()
+    cwd = Path.cwd().resolve()
+    scratch.mkdir(parents=True, exist_ok=True)
+    report, auditor = sandbox.enter(cwd, scratch, sandbox.Limits.from_env())
+    (scratch / "kernel.pid").write_text(str(os.getpid()))
+    (scratch / "containment.json").write_text(json.dumps(report.__dict__))
+    sandbox.watch_parent()
+    auditor.install()
+
+    from ipykernel.kernelapp import IPKernelApp
+
+    app = IPKernelApp.instance()
+    app.initialize(sys.argv[1:])
+    cap = int(os.environ.get("AUTOGRADER_OUTPUT_BYTES", 1_000_000))
+    streams = [CappedStream(sys.stdout, cap), CappedStream(sys.stderr, cap)]
+    sys.stdout, sys.stderr = streams
+    progress = scratch / "progress.json"
+    skip_file = scratch / "skip.json"
+    skip = set(json.loads(skip_file.read_text())) if skip_file.exists() else set()
+
+    def pre_run_cell(info) -> None:
+        auditor.active = True
+        for s in streams:
+            s.reset()
+        try:
+            progress.write_text(json.dumps({"cell_id": getattr(info, "cell_id", None),
+                                            "sha": source_hash(info.raw_cell or ""),
+                                            "source": (info.raw_cell or "")[:2000]}))
+        except OSError:
+            pass
+
+    def skip_crashed(lines: list[str]) -> list[str]:
+        if skip and source_hash("".join(lines)) in skip:
+            return ["raise RuntimeError('autograder: this cell was skipped because it crashed the kernel "
+                    "(the process died) on the previous grading attempt')\n"]
+        return lines
+
+    app.shell.events.register("pre_run_cell", pre_run_cell)
+    app.shell.input_transformers_cleanup.insert(0, skip_crashed)
+    app.start()
+
+
+def source_hash(source: str) -> str:
+    return hashlib.sha256(source.strip().encode()).hexdigest()[:20]
+
+
+if __name__ == "__main__":
+    main()
