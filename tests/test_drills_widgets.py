@@ -6,7 +6,7 @@ pytest.importorskip("ipywidgets")
 from lora_ref.drills import drill_widget as lazy_drill_widget  # noqa: E402
 from lora_ref.drills.engine import resolve  # noqa: E402
 from lora_ref.drills.progress import Progress  # noqa: E402
-from lora_ref.drills.widgets import DrillWidget, drill_widget, stats_widget  # noqa: E402
+from lora_ref.drills.widgets import DrillWidget, drill_widget, mock_widget, stats_widget  # noqa: E402
 
 
 def test_widget_question_check_rate_next(tmp_path):
@@ -58,3 +58,18 @@ def test_grading_run_never_touches_the_progress_file(monkeypatch, tmp_path):
     assert wd.drill.progress.path is None and not (tmp_path / "progress.sqlite").exists()
     monkeypatch.delenv("NBGRADER_EXECUTION")
     assert drill_widget(seed=0).drill.progress.path == tmp_path / "progress.sqlite"
+
+
+def test_mock_widget_runs_to_its_report(tmp_path):
+    wd = mock_widget(minutes=10, count=2, db=tmp_path / "m.sqlite", seed=5, kinds=["choice"])
+    topics = []
+    for _ in range(2):
+        assert "Mock interview: question" in wd.header.value
+        topics.append(wd.item.topic)
+        wd.options.value = "a"
+        wd.check.click()
+        wd.next.click()
+    assert wd.item is None and "Mock interview: 2 questions" in wd.question.value and wd.check.disabled
+    assert len(set(topics)) == 2
+    with Progress(tmp_path / "m.sqlite") as p:
+        assert [r["mode"] for r in p.reviews()] == ["mock", "mock"]

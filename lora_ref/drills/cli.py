@@ -173,18 +173,13 @@ def cmd_mock(args, con: Console) -> int:
         try:
             while (item := mock.next_item()) is not None:
                 con.say(f"[{max(0.0, mock.remaining()) / 60:.1f} min left, question {len(mock.results) + 1}/{mock.count}]")
-                ask_one(con, drill, item, record=lambda a, r: _mock_record(mock, a, r))
+                ask_one(con, drill, item, record=mock.record)
         except _Quit:
             pass
         if mock.remaining() <= 0:
             con.say("Time is up.")
         con.say(mock.report())
     return 0
-
-
-def _mock_record(mock: MockInterview, answered: Answered, rating: int) -> None:
-    mock.drill.rate(answered, rating, mode="mock")
-    mock.results.append(answered)
 
 
 def cmd_stats(args, con: Console) -> int:

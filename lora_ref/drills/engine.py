@@ -205,10 +205,15 @@ class MockInterview:
         return item
 
     def answer(self, item: Item, response: str, rating: int | None = None) -> Answered:
+        """Grade and record in one step (the learner's rating, else the suggestion)."""
         answered = self.drill.answer(item, response)
+        self.record(answered, rating)
+        return answered
+
+    def record(self, answered: Answered, rating: int | None = None) -> None:
+        """Record an answer graded with ``self.drill.answer`` (fronts that show the grade before the rating)."""
         self.drill.rate(answered, rating, mode="mock")
         self.results.append(answered)
-        return answered
 
     def report(self) -> str:
         """Score per topic, overall, time used."""

@@ -13,6 +13,7 @@ the fraction of key points covered. :data:`FREE_TEXT_LIMITS` says what this cann
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -229,7 +230,12 @@ def _has(answer_tokens: set[str], word: str) -> bool:
 
 def covers(answer_tokens: set[str], point: KeyPoint) -> bool:
     """A key point is covered when all words of at least one of its phrasings occur in the answer."""
-    return any(all(_has(answer_tokens, w) for w in normalise(p)) for p in point.any_of)
+    return any(all(_has(answer_tokens, w) for w in _phrase(p)) for p in point.any_of)
+
+
+@functools.lru_cache(maxsize=4096)
+def _phrase(text: str) -> tuple[str, ...]:
+    return tuple(normalise(text))
 
 
 def grade_free(item: Item, text: str) -> Grade:

@@ -7,7 +7,8 @@ One call in a notebook cell::
 
 shows a question (code numbered, options as radio buttons), an answer box, "Check", the grade with the
 model answer and key points, self-rating buttons (Again / Hard / Good / Easy, the suggestion preselected),
-"Next", and a statistics table. :func:`stats_widget` shows mastery per topic alone.
+"Next", and a statistics table. :func:`mock_widget` runs a timed mock interview the same way;
+:func:`stats_widget` shows mastery per topic alone.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import os
 
 import ipywidgets as w
 
-from .engine import Answered, Drill, model_answer_text
+from .engine import Answered, Drill, MockInterview, model_answer_text
 from .grading import FREE_TEXT_LIMITS, RATING_NAMES
 from .items import TOPICS, Item
 from .progress import Progress, Stats
@@ -42,10 +43,15 @@ def stats_html(st: Stats) -> str:
 
 
 class DrillWidget(w.VBox):
-    """Question -> answer -> grade and model answer -> self-rating -> next, on a :class:`Drill`."""
+    """Question -> answer -> grade and model answer -> self-rating -> next, on a :class:`Drill`.
 
-    def __init__(self, drill: Drill):
+    With ``mock`` (a :class:`MockInterview` on the same drill) questions come from the mock interview, the
+    header shows the time left, and its report replaces the question when time or questions run out.
+    """
+
+    def __init__(self, drill: Drill, mock: MockInterview | None = None):
         self.drill = drill
+        self.mock = mock
         self.item: Item | None = None
         self.answered: Answered | None = None
         self.header = w.HTML()
@@ -71,12 +77,21 @@ class DrillWidget(w.VBox):
         self.ask()
 
     def ask(self, item: Item | None = None) -> None:
-        """Show the next question (or ``item``)."""
+        """Show the next question (or ``item``); in a mock interview, the report once it is over."""
+        if item is None and self.mock is not None:
+            item = self.mock.next_item()
+            if item is None:
+                self.finish()
+                return
         self.item = item or self.drill.next_item()
         self.answered = None
         it = self.item
-        self.header.value = (f"<b>{html.escape(TOPICS[it.topic])}</b> | {it.kind} | difficulty {it.difficulty} "
-                             f"| <code>{html.escape(it.id)}</code>")
+        clock = ""
+        if self.mock is not None:
+            clock = (f"Mock interview: question {len(self.mock.results) + 1}/{self.mock.count}, "
+                     f"{max(0.0, self.mock.remaining()) / 60:.1f} min left<br>")
+        self.header.value = (f"{clock}<b>{html.escape(TOPICS[it.topic])}</b> | {it.kind} | difficulty "
+                             f"{it.difficulty} | <code>{html.escape(it.id)}</code>")
         body = f"<p>{html.escape(it.prompt)}</p>" + (_pre(it.numbered_code()) if it.code else "")
         self.question.value = body
         if it.kind == "choice":
@@ -114,8 +129,21 @@ class DrillWidget(w.VBox):
 
     def on_next(self) -> None:
         if self.answered is not None:
-            self.drill.rate(self.answered, self.rating.value, mode="notebook")
+            if self.mock is not None:
+                self.mock.record(self.answered, self.rating.value)
+            else:
+                self.drill.rate(self.answered, self.rating.value, mode="notebook")
         self.ask()
+
+    def finish(self) -> None:
+        """End of a mock interview: show its report, disable the answer controls."""
+        self.item = None
+        self.header.value = "<b>Mock interview over.</b>"
+        self.question.value = _pre(self.mock.report())
+        self.input.children = []
+        self.feedback.value = ""
+        self.rate_box.layout.display = "none"
+        self.check.disabled = self.skip.disabled = True
 
     def on_stats(self) -> None:
         self.stats.value = stats_html(self.drill.stats())
@@ -132,6 +160,15 @@ def drill_widget(topic: str | None = None, db=None, *, seed: int | None = None, 
     if db is None and progress is None and os.environ.get("NBGRADER_EXECUTION"):
         db = ":memory:"
     return DrillWidget(Drill(progress or Progress(db), seed=seed, topic=topic, kinds=kinds))
+
+
+def mock_widget(minutes: float = 20, count: int | None = None, db=None, *, seed: int | None = None,
+                kinds=None) -> DrillWidget:
+    """A timed mock interview with mixed topics in a notebook cell (same rules as ``lora-drill mock``)."""
+    if db is None and os.environ.get("NBGRADER_EXECUTION"):
+        db = ":memory:"
+    drill = Drill(Progress(db), seed=seed, kinds=kinds)
+    return DrillWidget(drill, MockInterview(drill, minutes, count))
 
 
 def stats_widget(db=None) -> w.HTML:
