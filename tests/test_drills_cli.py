@@ -110,9 +110,12 @@ def test_list_show_topics_stats(tmp_path):
     assert rc == 0 and "Streak: 0" in out and "Mastery" in out
 
 
-def test_parser_rejects_unknown_topic():
-    with pytest.raises(SystemExit):
-        call(["practice", "--topic", "astrology"])
+def test_parser_rejects_unknown_topic_and_inconsistent_options(capsys):
+    for bad in (["practice", "--topic", "astrology"], ["practice", "--answer", "b"],
+                ["practice", "--once", "--rating", "3"]):
+        with pytest.raises(SystemExit):
+            call(bad)
+    assert "--rating needs --answer" in capsys.readouterr().err
 
 
 def test_console_entry_point_reads_sys_argv(monkeypatch, tmp_path):

@@ -269,6 +269,11 @@ def main(argv: list[str] | None = None, inp: TextIO | None = None, out: TextIO |
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(argv + ["practice"])
+    if args.command == "practice":
+        if (args.answer is not None or args.json) and not args.once:
+            parser.error("--answer and --json need --once")
+        if args.rating is not None and args.answer is None:
+            parser.error("--rating needs --answer (interactively you are asked for your rating)")
     con = Console(inp, out)
     try:
         return COMMANDS[args.command](args, con)
