@@ -83,6 +83,7 @@ def matplotlib_cache(course_root: Path) -> str:
 def prepare_assignment(name: str, opts: Options, course_root: Path) -> course_mod.Assignment:
     """Load the instructor notebook; (re)generate the release and gradebook entries if it changed."""
     a = course_mod.load_assignment(opts.source, name)
+    course_root.mkdir(parents=True, exist_ok=True)
     stamp = course_root / ".generated" / f"{name}.digest"
     release = course_root / "release" / name / f"{name}.ipynb"
     if not (stamp.exists() and stamp.read_text() == a.digest and release.exists()):

@@ -152,8 +152,7 @@ def read(sub: Submission, assignments: dict[str, Assignment], hint: str | None) 
             sub.notes.append(f"nbformat {major!r} is not supported; read as nbformat 4")
         except Exception as exc:  # noqa: BLE001
             return sub.reject(f"unsupported nbformat {major!r}: {exc}")
-    ids = {c.get("metadata", {}).get("nbgrader", {}).get("grade_id") for c in nb.cells if isinstance(c, dict)}
-    scores = {name: len(ids & set(a.by_grade_id())) for name, a in assignments.items()}
+    scores = {name: _match_score(nb, a) for name, a in assignments.items()}
     best = max(scores, key=scores.get) if scores else None
     if best and scores[best] > 0:
         if sub.assignment and sub.assignment != best:
@@ -172,6 +171,18 @@ def read(sub: Submission, assignments: dict[str, Assignment], hint: str | None) 
         return sub.reject(f"unknown assignment {sub.assignment!r}; known: {sorted(assignments)}")
     sub.notebook = repair(nb, assignments[sub.assignment], sub.notes)
     return sub
+
+
+def _match_score(nb, a: Assignment) -> int:
+    """How many cells of ``nb`` belong to assignment ``a``: by nbgrader grade id, by cell id, or by the
+    exact source of a locked cell (the last two still work when the learner deleted the metadata)."""
+    cells = [c for c in nb.get("cells", []) if isinstance(c, dict)]
+    grade_ids = {c.get("metadata", {}).get("nbgrader", {}).get("grade_id") for c in cells} - {None}
+    cell_ids = {c.get("id") for c in cells} - {None}
+    sources = {str(c.get("source", "")).strip() for c in cells}
+    return (len(grade_ids & set(a.by_grade_id()))
+            + len(cell_ids & {c.cell_id for c in a.cells if c.grade_id and c.cell_id})
+            + len(sources & {c.source.strip() for c in a.cells if c.kind == "locked" and c.source.strip()}))
 
 
 def _fresh_cell(cell) -> nbformat.NotebookNode:

@@ -31,6 +31,7 @@ import signal
 import sys
 import time
 import traceback
+import types
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,8 @@ def _snapshot() -> dict[str, int]:
         if mod is None:
             continue
         for attr, value in list(vars(mod).items()):
+            if isinstance(value, types.ModuleType):
+                continue      # submodules appear lazily as libraries import them
             if not attr.startswith("__") or attr in ("__import__", "__build_class__"):
                 ids[f"{name}.{attr}"] = id(value)
     for modname, clsname in WATCHED_CLASSES:
@@ -108,6 +111,24 @@ def _diff(before: dict[str, int], after: dict[str, int]) -> list[str]:
     removed = [f"deleted {k}" for k in before if k not in after]
     added = [f"added {k}" for k in after if k not in before and not k.startswith("builtins._")]
     return changed + removed + added
+
+
+def _restore_builtins(saved: dict, found: list) -> None:
+    """Undo changes to ``builtins`` so the harness keeps working; note them in ``found``.
+
+    Uses no builtin names itself (they may be the patched ones) until they are restored."""
+    table = builtins.__dict__
+    changed = [k for k in table if k not in saved or table[k] is not saved[k]]
+    removed = [k for k in saved if k not in table]
+    for k in changed:
+        if k in saved:
+            table[k] = saved[k]
+        else:
+            del table[k]
+    for k in removed:
+        table[k] = saved[k]
+    found.extend(f"{'replaced' if k in saved else 'added'} builtins.{k}" for k in changed)
+    found.extend(f"deleted builtins.{k}" for k in removed)
 
 
 def _exec_cell(source: str, grade_id: str, namespace: dict, timeout: float) -> str:
@@ -184,6 +205,13 @@ def run_answers(job: dict) -> None:
                  "math": math, "np": np, "get_ipython": lambda: _NoMagic()}
     signal.signal(signal.SIGALRM, _alarm)
     before = _snapshot()
+    saved_builtins = dict(builtins.__dict__)
+    patched: list[str] = []
+
+    def note_patches() -> None:
+        _restore_builtins(saved_builtins, patched)
+        log["patched"] = sorted(set(patched) | set(_diff(before, _snapshot())))
+
     log["stage"] = "answers"
     auditor.active = True
     for cell in job["answer_cells"]:
@@ -193,8 +221,9 @@ def run_answers(job: dict) -> None:
         log["cells"][cell["grade_id"]] = "running"
         save()
         error = _exec_cell(cell["source"], cell["grade_id"], namespace, job["cell_timeout"])
+        note_patches()
         log["cells"][cell["grade_id"]] = error or "ok"
-    log["patched"] = _diff(before, _snapshot())
+        save()
     log["stage"] = "cases"
     save()
 
@@ -224,9 +253,11 @@ def run_answers(job: dict) -> None:
                     tensors[f"{ex_id}{SEP}{i}{SEP}{name}"] = value.detach().cpu().clone().contiguous()
             except BaseException as exc:  # noqa: BLE001
                 signal.setitimer(signal.ITIMER_REAL, 0)
+                _restore_builtins(saved_builtins, patched)
                 entry["errors"][str(i)] = _learner_traceback(exc)
+            _restore_builtins(saved_builtins, patched)
         entry.pop("running", None)
-    log["patched"] = sorted(set(log["patched"]) | set(_diff(before, _snapshot())))
+    note_patches()
     save_file(tensors, str(scratch / "outputs.safetensors"))
     log["stage"] = "done"
     save()

@@ -150,6 +150,9 @@ def readonly_namespace(writable: list[Path]) -> Report:
         except OSError:
             pass  # /proc and a few pseudo file systems refuse; nothing there is ours to protect
     report.namespace = True
+    # the working directory still points into the old (now read-only) mount: enter it again by path,
+    # which resolves through the new writable bind mount when it is one of ``writable``
+    os.chdir(os.getcwd())
     return report
 
 

@@ -83,8 +83,11 @@ def run_judge(job: dict, scratch: Path, answers: list[dict]) -> tuple[dict, list
     skip_cells: list[str] = []
     skip_cases: dict[str, list[int]] = {}
     deaths: list[str] = []
+    patched: set[str] = set()
     for _ in range(MAX_CRASHES + 1):
         log, died = _judge_once(job, scratch, answers, skip_cells, skip_cases)
+        patched |= set(log.get("patched", []))         # evidence from attempts that died is kept
+        log["patched"] = sorted(patched)
         if not died:
             return log, deaths
         deaths.append(died)

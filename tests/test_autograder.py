@@ -1,0 +1,303 @@
+"""Unit tests of the autograder's parts (no notebook is executed here, except by the judge)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from autograder import audit, intake, judge, reports
+from autograder.course import check_calls, load_assignment
+from autograder.preprocessors import SanitizeTestErrors
+from autograder.selftest import ASSIGNMENT, build_course
+
+EXTRA = "autograder.selftest_exercises"
+PY = sys.executable
+
+
+@pytest.fixture(autouse=True)
+def selftest_exercises(monkeypatch):
+    """Register the self-test exercises for this test (and its subprocesses) only."""
+    import lora_ref.exercises as exercises
+    monkeypatch.setenv("LORA_REF_EXTRA_EXERCISES", EXTRA)
+    yield
+    for key in [k for k in exercises.REGISTRY if k.startswith("99.")]:
+        del exercises.REGISTRY[key]
+    sys.modules.pop(EXTRA, None)
+
+
+# -- course parsing ------------------------------------------------------------------------------------------
+
+def test_check_calls_finds_ids_in_order_without_repeats():
+    src = 'x = 1\ncheck("02.a", A)\nlora_ref.exercises.check(exercise_id="02.b", obj=B)\ncheck("02.a", A)\ncheck(name, A)'
+    assert check_calls(src) == ["02.a", "02.b"]
+
+
+def test_check_calls_falls_back_to_regex_for_magics():
+    assert check_calls('%time check("05.nf4", nf4)\n!ls') == ["05.nf4"]
+
+
+def test_selftest_assignment_maps_test_cells_to_exercises(tmp_path):
+    build_course(tmp_path)
+    a = load_assignment(tmp_path / "solutions", ASSIGNMENT)
+    assert a.exercises_of == {"test_lora_delta": ["99.lora_delta"], "test_scaled_linear": ["99.scaled_linear"]}
+    assert [c.grade_id for c in a.answer_cells] == ["lora_delta", "scaled_linear"]
+    assert a.max_score == 6.0
+
+
+# -- static audit ----------------------------------------------------------------------------------------------
+
+def test_audit_flags_patching_and_reference_imports():
+    src = textwrap.dedent("""
+        import torch, builtins
+        import numpy as np
+        torch.allclose = lambda *a, **k: True
+        setattr(np.testing, "assert_allclose", None)
+        builtins.print = None
+        import sys; sys.modules["lora_ref"] = None
+        from lora_ref.lora import LoRALinear
+        def check(*a): pass
+        torch.Tensor.__eq__ = lambda a, b: True
+    """)
+    found = audit.scan([("cell", src)])
+    whats = " | ".join(f.what for f in found if f.severity == "high")
+    for needle in ("torch.allclose", "setattr on np.testing", "builtins.print", "sys.modules", "imports lora_ref.lora",
+                   "function named check", "torch.Tensor.__eq__"):
+        assert needle in whats, (needle, whats)
+
+
+def test_audit_does_not_flag_ordinary_module_code():
+    src = textwrap.dedent("""
+        class LoRALinear(nn.Module):
+            def __init__(self, base, r):
+                super().__init__()
+                self.base_layer = base
+                setattr(self, "r", r)
+                self.lora_A = nn.Parameter(torch.zeros(r, 3))
+            def forward(self, x):
+                return F.linear(x, self.lora_A) * math.sqrt(2)
+        LoRALinear.extra = 1
+    """)
+    assert audit.scan([("cell", src)]) == []
+
+
+# -- intake ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def assignment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("course")
+    build_course(root)
+    a = load_assignment(root / "solutions", ASSIGNMENT)
+    # the released copy: nbgrader's generate_assignment, as the grader runs it
+    from autograder.grade import Options, prepare_assignment
+    a = prepare_assignment(ASSIGNMENT, Options(source=root / "solutions", out=root / "out"), root / "out" / "course")
+    return a
+
+
+def _release(a):
+    return nbformat.read(str(a.path.parents[2] / "out" / "course" / "release" / a.name / f"{a.name}.ipynb"), as_version=4)
+
+
+@pytest.mark.parametrize("name,student,assignment_name", [
+    ("alice_99_selftest.ipynb", "alice", "99_selftest"),
+    ("99_selftest-Bob (1).ipynb", "bob_1", "99_selftest"),
+    ("smithjane_LATE_4821_99011_homework.ipynb", "smithjane", None),
+    ("Untitled3.ipynb", "untitled3", None),
+])
+def test_name_parsing(name, student, assignment_name):
+    assert intake._name_parts(Path("/x") / name, ["99_selftest", "02_lora_linear"])[:2] == (student, assignment_name)
+
+
+def test_moodle_folder_names_the_student():
+    p = Path("/x/Grace Hopper_5512_assignsubmission_file_/99_selftest.ipynb")
+    assert intake._name_parts(p, ["99_selftest"])[:2] == ("grace_hopper_5512", "99_selftest")
+
+
+def test_intake_rejects_bad_files_and_repairs_others(tmp_path, assignment):
+    rel = _release(assignment)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "broken_99_selftest.ipynb").write_text(nbformat.writes(rel)[:200])
+    (folder / "scan_99_selftest.pdf").write_bytes(b"%PDF")
+    nbformat.write(nbformat.convert(_release(assignment), 3), str(folder / "old_99_selftest.ipynb"))
+    bare = nbformat.from_dict(json.loads(nbformat.writes(rel)))
+    for c in bare.cells:
+        c.metadata.pop("nbgrader", None)
+    nbformat.write(bare, str(folder / "weird name.ipynb"))
+    dup = nbformat.from_dict(json.loads(nbformat.writes(rel)))
+    answer = next(c for c in dup.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "lora_delta")
+    twin = nbformat.from_dict(json.loads(json.dumps(answer)))
+    twin.id = "twin"
+    dup.cells.insert(dup.cells.index(answer), twin)
+    nbformat.write(dup, str(folder / "dup_99_selftest.ipynb"))
+    subs = {s.student: s for s in intake.collect(folder, {assignment.name: assignment}, None, tmp_path)}
+    assert subs["broken"].status == "rejected" and "invalid JSON" in subs["broken"].notes[0]
+    assert subs["scan"].status == "rejected" and "not a notebook" in subs["scan"].notes[0]
+    assert subs["old"].status == "ok" and any("nbformat 3" in n for n in subs["old"].notes)
+    weird = subs["weird_name"]
+    assert weird.status == "ok" and weird.assignment == "99_selftest", weird.notes
+    restored = [c.metadata["nbgrader"]["grade_id"] for c in weird.notebook.cells if c.metadata.get("nbgrader")]
+    assert set(restored) >= {"lora_delta", "test_lora_delta", "scaled_linear", "test_scaled_linear"}
+    assert any("metadata was deleted" in n for n in weird.notes)
+    d = subs["dup"]
+    graded = [c for c in d.notebook.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "lora_delta"]
+    assert len(graded) == 1 and any("appears 2 times" in n for n in d.notes)
+    nbformat.validate(d.notebook)
+
+
+def test_zip_slip_is_refused(tmp_path):
+    import zipfile
+    z = tmp_path / "evil.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("../../escape.ipynb", "{}")
+    with pytest.raises(ValueError, match="outside"):
+        intake._safe_extract(z, tmp_path / "dest")
+
+
+# -- feedback sanitising -------------------------------------------------------------------------------------------
+
+def test_sanitize_cuts_test_cell_tracebacks_only():
+    nb = nbformat.v4.new_notebook()
+    test = nbformat.v4.new_code_cell("check('x', f)")
+    test.metadata["nbgrader"] = {"grade": True, "solution": False, "grade_id": "t", "points": 1}
+    test.outputs = [nbformat.v4.new_output("error", ename="AssertionError", evalue="[99.x] case 0 differs",
+                                           traceback=["  File lora_ref/secret.py", "    check('99.x', f)", "AssertionError"])]
+    other = nbformat.v4.new_code_cell("1/0")
+    other.outputs = [nbformat.v4.new_output("error", ename="ZeroDivisionError", evalue="division by zero",
+                                            traceback=["line 1", "ZeroDivisionError"])]
+    nb.cells = [test, other]
+    nb, _ = SanitizeTestErrors().preprocess(nb, {})
+    assert nb.cells[0].outputs[0].traceback == ["AssertionError: [99.x] case 0 differs"]
+    assert nb.cells[1].outputs[0].traceback == ["line 1", "ZeroDivisionError"]
+
+
+# -- reports ---------------------------------------------------------------------------------------------------------
+
+def test_summary_counts_failures_and_most_common_error():
+    results = [dict(student=s, assignment="A", status="graded", score=sc, max_score=2.0,
+                    cells={"t": dict(score=sc, max=2.0, error=err)}, judge={}, audit={"flag": "ok"})
+               for s, sc, err in [("a", 2.0, ""), ("b", 0.0, "AssertionError: shape"), ("c", 0.0, "AssertionError: shape"),
+                                  ("d", 0.0, "NameError: x")]]
+    rows = reports.summarize(results)
+    assert rows[0]["mean"] == 0.5 and rows[0]["failure_rate"] == 0.75
+    assert rows[0]["most_common_error"] == "AssertionError: shape (2x)"
+
+
+# -- sandbox -----------------------------------------------------------------------------------------------------------
+
+def _sandboxed(tmp_path, code: str, memory_mb: int = 2048) -> subprocess.CompletedProcess:
+    box, scratch = tmp_path / "box", tmp_path / "scratch"
+    box.mkdir()
+    scratch.mkdir()
+    prog = textwrap.dedent(f"""
+        import json, sys
+        from pathlib import Path
+        from autograder import sandbox
+        report, auditor = sandbox.enter(Path({str(box)!r}), Path({str(scratch)!r}), sandbox.Limits(memory_mb={memory_mb}))
+        auditor.active = True
+        auditor.install()
+        print(json.dumps(report.__dict__))
+    """) + textwrap.dedent(code)
+    return subprocess.run([PY, "-c", prog], capture_output=True, text=True, timeout=120, cwd=box)
+
+
+def test_sandbox_blocks_writes_outside_and_records_them(tmp_path):
+    outside = tmp_path / "outside.txt"
+    proc = _sandboxed(tmp_path, f"""
+        open("inside.txt", "w").write("ok")
+        try:
+            open({str(outside)!r}, "w").write("escaped")
+            print("ESCAPED")
+        except OSError as e:
+            print("blocked", type(e).__name__)
+    """)
+    assert "blocked" in proc.stdout and "ESCAPED" not in proc.stdout, proc.stdout + proc.stderr
+    assert not outside.exists() and (tmp_path / "box" / "inside.txt").exists()
+    log = (tmp_path / "scratch" / "audit.jsonl").read_text()
+    assert "write_outside" in log and "outside.txt" in log
+
+
+def test_sandbox_memory_limit_turns_a_bomb_into_memory_error(tmp_path):
+    proc = _sandboxed(tmp_path, """
+        hoard = []
+        try:
+            for _ in range(64):
+                hoard.append(bytearray(512 * 1024 * 1024))
+        except MemoryError:
+            print("MemoryError after", len(hoard))
+    """, memory_mb=2048)
+    assert "MemoryError after" in proc.stdout, proc.stdout + proc.stderr
+    assert int(proc.stdout.split("MemoryError after")[1].split()[0]) < 4
+
+
+# -- judge -------------------------------------------------------------------------------------------------------------
+
+GOOD = {"lora_delta": "def lora_delta(A, B, alpha, r):\n    return (alpha / r) * (B @ A)",
+        "scaled_linear": textwrap.dedent("""
+            class ScaledLinear(nn.Module):
+                def __init__(self, weight, scale):
+                    super().__init__()
+                    self.weight = nn.Parameter(weight.clone())
+                    self.scale = scale
+                def forward(self, x):
+                    return self.scale * (x @ self.weight.T)""")}
+
+
+def _judge(tmp_path, cells: dict[str, str]) -> tuple[dict, dict]:
+    from autograder.worker import run_judge
+    exercises = ["99.lora_delta", "99.scaled_linear"]
+    ref = tmp_path / "ref.safetensors"
+    assert judge.reference_outputs(exercises, ref) == {}
+    job = dict(limits=dict(memory_mb=3072, cpu_seconds=120, file_mb=16), exercises=exercises, cell_timeout=10,
+               judge_timeout=120,
+               blocked_reads=[str(Path(judge.__file__).parents[1] / "lora_ref")])
+    answers = [{"grade_id": g, "source": s} for g, s in cells.items()]
+    log, deaths = run_judge(job, tmp_path, answers)
+    out = judge.verdicts(exercises, log, tmp_path / "judge" / "outputs.safetensors", ref)
+    return {k: v.passed for k, v in out.items()}, dict(log=log, deaths=deaths, outcomes=out)
+
+
+def test_judge_passes_correct_answers(tmp_path):
+    verdict, _ = _judge(tmp_path, GOOD)
+    assert verdict == {"99.lora_delta": True, "99.scaled_linear": True}
+
+
+def test_judge_is_not_fooled_by_patching(tmp_path):
+    cheat = dict(GOOD)
+    cheat["lora_delta"] = textwrap.dedent("""
+        import torch, numpy, builtins
+        torch.allclose = lambda *a, **k: True
+        torch.Tensor.__eq__ = lambda a, b: True
+        numpy.testing.assert_allclose = lambda *a, **k: None
+        builtins.isinstance = lambda *a: True
+        def lora_delta(A, B, alpha, r):
+            return B @ A          # forgot the scaling
+    """)
+    verdict, info = _judge(tmp_path, cheat)
+    assert verdict["99.lora_delta"] is False
+    assert "differs from the reference" in info["outcomes"]["99.lora_delta"].error
+    patched = " ".join(info["log"]["patched"])
+    assert "torch.allclose" in patched and "builtins.isinstance" in patched and "torch.Tensor.__eq__" in patched
+
+
+def test_judge_blocks_the_reference_and_survives_a_crash(tmp_path):
+    cells = {"lora_delta": "from autograder.selftest_exercises import reference_lora_delta as lora_delta",
+             "scaled_linear": GOOD["scaled_linear"] + "\nimport os\nos._exit(3)"}
+    verdict, info = _judge(tmp_path, cells)
+    assert verdict == {"99.lora_delta": False, "99.scaled_linear": False}
+    assert "not allowed" in info["log"]["cells"]["lora_delta"]
+    assert info["deaths"] and "scaled_linear" in info["deaths"][0]
+    assert "skipped" in info["log"]["cells"]["scaled_linear"]
+
+
+def test_judge_times_out_an_infinite_loop(tmp_path):
+    cells = dict(GOOD)
+    cells["scaled_linear"] = GOOD["scaled_linear"] + "\nwhile True:\n    try:\n        pass\n    except Exception:\n        pass"
+    verdict, info = _judge(tmp_path, cells)
+    assert verdict == {"99.lora_delta": True, "99.scaled_linear": True}   # the class was defined before the loop
+    assert info["log"]["cells"]["scaled_linear"].startswith("CellTimeout")
