@@ -103,10 +103,14 @@ def speed(W, device, BF, reps: int, sweep: bool) -> dict:
         buf = torch.empty(n, dtype=W.dtype, device=device)
         add("lora_ref_triton", lambda: K.dequantize_4bit_triton(p, lay, W.dtype, out=buf))
         if sweep:
-            for bytes_, warps, sel in itertools.product((256, 512, 1024, 2048, 4096), (2, 4, 8), (False, True)):
-                add(f"triton_B{bytes_}_w{warps}_{'sel' if sel else 'gather'}",
-                    lambda b=bytes_, w=warps, s_=sel: K.dequantize_4bit_triton(
-                        p, lay, W.dtype, out=buf, BYTES=b, num_warps=w, SELECT=s_))
+            for bytes_, warps, pair in itertools.product((512, 1024, 2048, 4096), (2, 4, 8), (False, True)):
+                add(f"tiled_B{bytes_}_w{warps}_{'pair' if pair else 'gather'}",
+                    lambda b=bytes_, w=warps, pr=pair: K.dequantize_4bit_triton(
+                        p, lay, W.dtype, out=buf, kernel="tiled", BYTES=b, num_warps=w, PAIR=pr))
+            for bytes_, warps in itertools.product((512, 1024, 2048), (4, 8)):
+                add(f"flat_B{bytes_}_w{warps}_gather",
+                    lambda b=bytes_, w=warps: K.dequantize_4bit_triton(
+                        p, lay, W.dtype, out=buf, kernel="flat", BYTES=b, num_warps=w))
         # the copy ceiling, same bytes: a device-to-device copy of a tensor of ``moved`` bytes
         src = torch.empty(moved // 2, dtype=torch.bfloat16, device=device)
         dst = torch.empty_like(src)
@@ -151,7 +155,7 @@ def plot(result: dict, path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = {k: v for k, v in result["speed"]["rows"].items() if "GBps" in v and not k.startswith("triton_B")}
+    rows = {k: v for k, v in result["speed"]["rows"].items() if "GBps" in v and not k.startswith(("tiled_B", "flat_B"))}
     fig, ax = plt.subplots(figsize=(7, 3.2))
     names = list(rows)
     ax.barh(names, [rows[k]["GBps"] for k in names], color=["#888" if "bits" in k else "#2a6" for k in names])

@@ -61,8 +61,8 @@ def build(method: str, shape, device):
     elif method == "qlora_ref":
         from lora_ref import qlora
         from lora_ref.lora import LoRAConfig, inject_lora
-        qlora.quantize_model(model)
-        inject_lora(model, LoRAConfig(r=16, alpha=32, target_modules=TARGETS))
+        qlora.quantize_model(model, "nf4", double_quant=True, compute_dtype=torch.bfloat16, blocksize=64)
+        qlora.inject_qlora(model, LoRAConfig(r=16, alpha=32, target_modules=TARGETS))
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -9,7 +9,13 @@ double quantisation, blocksize 64. Modes, each in its own process (clean peak-me
 - ``bf16_lora``: the same with a bf16 base and no quantisation (the stretch reference, 8,088 tok/s).
 - ``lora_ref``: ``lora_ref.qlora`` (the course's readable QLoRA) with ``lora_ref.lora`` adapters.
 - ``fast``: ``lora_ref.kernels``: Triton dequantisation into a shared scratch buffer, base + LoRA in one
-  autograd node that saves only the 16-bit input, and a chunked cross-entropy.
+  autograd node that saves only the 16-bit input, and a chunked cross-entropy; ``fast_norm`` adds
+  ``fuse_rms_norms`` (one fused RMSNorm kernel instead of transformers' fp32 chain).
+- ``recipe_no_ckpt`` / ``bf16_lora_no_ckpt``: the same recipes with gradient checkpointing OFF. The
+  anchor figures (25.87 GB, 5,060 tok/s; 32.82 GB, 8,088 tok/s) match these, not the checkpointed runs:
+  transformers checkpoints a layer only while ``module.training`` is True, and a model fresh from
+  ``from_pretrained`` is in eval mode, so a loop that never calls ``model.train()`` trains without it.
+  ``lora_ref.memory.training_memory(..., grad_checkpointing=False)`` predicts 32.77 GB for bf16 LoRA.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps and the warm-up (optimizer
 state included), after the model is built. ``--small`` runs a 2-layer SmolLM2 shape on the CPU.
@@ -30,7 +36,7 @@ from _common import ROOT, device_info, pick_device, random_llama, scaled_shape, 
 
 from lora_ref import memory as M
 
-MODES = ("recipe", "bf16_lora", "lora_ref", "fast")
+MODES = ("recipe", "recipe_no_ckpt", "bf16_lora", "bf16_lora_no_ckpt", "lora_ref", "fast", "fast_norm")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ANCHOR = {"Llama-2-7B": {"recipe": {"tokens_per_s": 5060, "peak_gb": 25.87, "step_s": 0.405},
                          "bf16_lora": {"tokens_per_s": 8088, "peak_gb": 32.82, "step_s": 0.253}},
@@ -63,12 +69,13 @@ def _quantize_bnb(model, device):
 def build(mode: str, shape, device):
     model = random_llama(shape, device)
     model.config.use_cache = False
-    if mode in ("recipe", "bf16_lora"):
+    if mode.startswith(("recipe", "bf16_lora")):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-        if mode == "recipe":
+        ckpt = not mode.endswith("_no_ckpt")
+        if mode.startswith("recipe"):
             model = _quantize_bnb(model, device)
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-        else:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt)
+        elif ckpt:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
@@ -76,15 +83,16 @@ def build(mode: str, shape, device):
         loss_fn = None
     elif mode == "lora_ref":
         from lora_ref import qlora
-        from lora_ref.lora import LoRAConfig, inject_lora
-        model = qlora.quantize_model(model, blocksize=64, double_quant=True, compute_dtype=torch.bfloat16) \
-            if "compute_dtype" in qlora.quantize_model.__code__.co_varnames else qlora.quantize_model(model)
-        model = inject_lora(model, LoRAConfig(r=16, alpha=32, target_modules=TARGETS))
+        from lora_ref.lora import LoRAConfig
+        qlora.quantize_model(model, "nf4", double_quant=True, compute_dtype=torch.bfloat16, blocksize=64)
+        qlora.inject_qlora(model, LoRAConfig(r=16, alpha=32, target_modules=TARGETS))
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         loss_fn = None
-    elif mode == "fast":
+    elif mode in ("fast", "fast_norm"):
         from lora_ref import kernels as K
         model = K.quantize_model_fast(model, r=16, alpha=32, targets=TARGETS)
+        if mode == "fast_norm":
+            K.fuse_rms_norms(model)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         def loss_fn(m, ids):
@@ -97,12 +105,13 @@ def build(mode: str, shape, device):
     return model, loss_fn
 
 
-def run_mode(mode: str, shape, device, batch: int, seq: int, steps: int, warmup: int) -> dict:
+def run_mode(mode: str, shape, device, batch: int, seq: int, steps: int, warmup: int,
+             profile: bool = False) -> dict:
     t0 = time.perf_counter()
     model, loss_fn = build(mode, shape, device)
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
-    fused = device.type == "cuda" and mode in ("lora_ref", "fast")
+    fused = device.type == "cuda" and mode in ("lora_ref", "fast", "fast_norm")
     opt = torch.optim.AdamW(params, lr=1e-4, fused=fused) if fused else torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, shape.vocab, (batch, seq), generator=g).to(device)
@@ -133,6 +142,12 @@ def run_mode(mode: str, shape, device, batch: int, seq: int, steps: int, warmup:
         losses.append(float(step()))        # .item() syncs each step, as a training loop logging loss does
     sync(device)
     step_s = (time.perf_counter() - t0) / steps
+    if profile and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile as prof
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            step()
+            sync(device)
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
     out = {"mode": mode, "trainable": n_train, "step_s": step_s, "tokens_per_s": batch * seq / step_s,
            "losses": losses, "build_s": build_s, "resident_gb": resident / 1e9}
     if device.type == "cuda":
@@ -151,16 +166,18 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", default="", help="modes to profile one step of (comma-separated)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)   # internal: run one mode, print JSON
     args = ap.parse_args(argv)
     device = pick_device(force_cpu=args.small)
     shape = M.get_shape(args.shape)
     if args.small:
-        shape = scaled_shape(M.get_shape("smollm2-135m"), n_layers=2, vocab=512)
+        shape = M.ModelShape("tiny-gqa", 64, 160, 2, 4, 2, 256, tied_embeddings=True)
         args.batch, args.seq, args.steps, args.warmup = 1, 32, 1, 1
     if args.one:
         try:
-            res = run_mode(args.one, shape, device, args.batch, args.seq, args.steps, args.warmup)
+            res = run_mode(args.one, shape, device, args.batch, args.seq, args.steps, args.warmup,
+                           profile=args.one in args.profile.split(","))
         except Exception as e:
             res = {"mode": args.one, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
         print("@@RESULT " + json.dumps(res))
@@ -171,7 +188,8 @@ def main(argv=None):
         modes = [m for m in modes if m != "recipe"] if not _bnb_cpu_ok() else modes
     for mode in modes:
         cmd = [sys.executable, __file__, "--one", mode, "--shape", args.shape, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq)]
+               "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
+               "--profile", args.profile]
         if args.small:
             cmd.append("--small")
         t0 = time.perf_counter()
@@ -181,29 +199,42 @@ def main(argv=None):
         res["wall_s"] = time.perf_counter() - t0
         results[mode] = res
         msg = res.get("error", "").splitlines()[-1:] if "error" in res else ""
-        print(f"{mode:10s} " + (f"ERROR {msg}" if "error" in res else
+        print(f"{mode:18s} " + (f"ERROR {msg}" if "error" in res else
               f"{res['tokens_per_s']:8.0f} tok/s  step {res['step_s']:.3f} s  peak {res.get('peak_gb', 0):6.2f} GB"
               f"  resident {res['resident_gb']:.2f} GB  loss {res['losses'][0]:.3f}->{res['losses'][-1]:.3f}"),
               flush=True)
         if "error" in res and "traceback" in res:
             print(res["traceback"][-1500:])
+        prof_lines = [l for l in proc.stdout.splitlines() if not l.startswith("@@RESULT ")]
+        if mode in args.profile.split(","):
+            print("\n".join(prof_lines[-40:]))
     info = device_info(device)
-    pred = {m: M.training_memory(shape, m, r=16, targets=TARGETS, batch=args.batch, seq=args.seq).total / 1e9
-            for m in ("lora", "qlora")}
+    kw = dict(r=16, targets=TARGETS, batch=args.batch, seq=args.seq)
+    chunks = -(-args.batch * args.seq // 1024)
+    pred = {"bf16_lora": M.training_memory(shape, "lora", **kw).total / 1e9,
+            "bf16_lora_no_ckpt": M.training_memory(shape, "lora", grad_checkpointing=False, **kw).total / 1e9,
+            "lora_ref": M.training_memory(shape, "qlora", **kw).total / 1e9,
+            "fast": M.training_memory(shape, "qlora", adapter_input_copies=False, loss_chunks=chunks, **kw).total / 1e9,
+            "qlora_no_ckpt": M.training_memory(shape, "qlora", grad_checkpointing=False, **kw).total / 1e9}
     rec = results.get("recipe", {})
     summary = {}
     for mode, res in results.items():
         if "error" in res or "error" in rec or not rec:
             continue
+        anchor = ANCHOR["Llama-2-7B"]["recipe"]
         summary[mode] = {"speed_vs_recipe": res["tokens_per_s"] / rec["tokens_per_s"],
-                         "peak_vs_recipe": res.get("peak_gb", 0) / rec["peak_gb"] if rec.get("peak_gb") else None}
+                         "peak_vs_recipe": res.get("peak_gb", 0) / rec["peak_gb"] if rec.get("peak_gb") else None,
+                         "speed_vs_anchor": res["tokens_per_s"] / anchor["tokens_per_s"],
+                         "peak_vs_anchor": res.get("peak_gb", 0) / anchor["peak_gb"]}
     payload = {"info": info, "shape": shape.name, "batch": args.batch, "seq": args.seq, "r": 16, "alpha": 32,
                "targets": TARGETS, "results": results, "vs_recipe_same_run": summary,
                "calculator_peak_gb": pred, "anchor": ANCHOR.get("Llama-2-7B")}
     print("\n== QLoRA step, ratios to the recipe measured in this run ==")
     for mode, s in summary.items():
         pv = f"{s['peak_vs_recipe']:.2f}x" if s["peak_vs_recipe"] else "n/a"
-        print(f"{mode:10s} speed {s['speed_vs_recipe']:.2f}x   peak memory {pv}")
+        print(f"{mode:18s} speed {s['speed_vs_recipe']:.2f}x   peak memory {pv}    (vs anchor figures: speed "
+              f"{s['speed_vs_anchor']:.2f}x, peak {s['peak_vs_anchor']:.2f}x)")
+    print("calculator peaks (GB):", {k: round(v, 2) for k, v in pred.items()})
     path = write_results(f"qlora_step_{shape.name}" if not args.small else "qlora_step_small", payload, args.out)
     try:
         plot(payload, path.with_suffix(".png"))

@@ -29,6 +29,7 @@ same code runs (slowly) on the course's CPU machines.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -74,11 +75,37 @@ class NF4Layout:
     code2: torch.Tensor | None = None
     blocksize2: int = 256
     offset: float = 0.0
+    pairs: torch.Tensor | None = None      # (256,) int64: fp32 code[i >> 4] in the low, code[i & 15] in the high half
+
+    def __post_init__(self):
+        if self.pairs is None:
+            i = torch.arange(256, device=self.code.device)
+            pair = torch.stack((self.code[i >> 4], self.code[i & 15]), dim=1).contiguous()   # (256, 2) fp32
+            object.__setattr__(self, "pairs", pair.view(torch.int64).reshape(256))
+
+
+_LAYOUTS: dict[int, tuple] = {}
 
 
 def layout_of(state, device: torch.device | str | None = None) -> NF4Layout:
-    """Read a ``lora_ref.quant.QuantState`` (or a ``bitsandbytes.functional.QuantState``) into a layout."""
+    """Read a ``lora_ref.quant.QuantState`` (or a ``bitsandbytes.functional.QuantState``) into a layout.
+
+    Cached per state object (by identity, while it lives): a model dequantises the same weights every step.
+    """
     dev = torch.device(device) if device is not None else state.absmax.device
+    hit = _LAYOUTS.get(id(state))
+    if hit is not None and hit[0]() is state and hit[1].absmax.device == dev:
+        return hit[1]
+    lay = _layout_of(state, dev)
+    try:
+        ref = weakref.ref(state, lambda _r, k=id(state): _LAYOUTS.pop(k, None))
+        _LAYOUTS[id(state)] = (ref, lay)
+    except TypeError:               # an object without weak references: no caching
+        pass
+    return lay
+
+
+def _layout_of(state, dev: torch.device) -> NF4Layout:
     shape = tuple(int(s) for s in state.shape)
     if state.blocksize % 2:
         raise ValueError(f"blocksize={state.blocksize} must be even (two codes per byte share a block)")
@@ -195,8 +222,44 @@ if HAS_TRITON:
         return tl.where(b3, v8f, v07)
 
 
+    @triton.jit
+    def _dequant_4bit_tiled_kernel(packed_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, n_out,
+                                   absmax2_ptr, code2_ptr, offset,
+                                   BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                                   ROWS: tl.constexpr, PAIR: tl.constexpr):
+        """One program decodes ROWS quantisation blocks: a (ROWS, BLOCKSIZE/2) tile of bytes, one scale
+        per row (loaded and decoded once per block, not once per byte)."""
+        HALF: tl.constexpr = BLOCKSIZE // 2
+        pid = tl.program_id(0).to(tl.int64)
+        blk = pid * ROWS + tl.arange(0, ROWS)                             # (ROWS,) block ids
+        n_blocks = (n_out + BLOCKSIZE - 1) // BLOCKSIZE
+        bmask = blk < n_blocks
+        if NESTED:
+            q = tl.load(absmax_ptr + blk, mask=bmask, other=0).to(tl.int32)
+            a2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=bmask, other=0.0)
+            scale = tl.load(code2_ptr + q, mask=bmask, other=0.0) * a2
+            scale = scale + offset                                        # two roundings, like bitsandbytes
+        else:
+            scale = tl.load(absmax_ptr + blk, mask=bmask, other=0.0)
+        offs = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]          # (ROWS, HALF) byte offsets
+        n_bytes = (n_out + 1) // 2
+        b = tl.load(packed_ptr + offs, mask=offs < n_bytes, other=0).to(tl.int32)
+        if PAIR:
+            # one 8-byte gather per byte from a 256-entry table of (code[hi], code[lo]) pairs
+            v = tl.load(pair_ptr + b)                                     # int64
+            vh = (v & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+            vl = ((v >> 32) & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+        else:
+            vh = tl.load(code_ptr + (b >> 4))
+            vl = tl.load(code_ptr + (b & 15))
+        sc = scale[:, None]
+        out = tl.interleave(vh * sc, vl * sc)                             # (ROWS, BLOCKSIZE)
+        out_offs = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=out_offs < n_out)
+
+
 # launch parameters, tuned on an H200 by benchmarks/dequant_speed.py (see benchmarks/results/)
-TRITON_CONFIG = {"BYTES": 1024, "num_warps": 4, "SELECT": False}
+TRITON_CONFIG = {"kernel": "tiled", "BYTES": 1024, "num_warps": 4, "SELECT": False, "PAIR": True}
 
 
 def dequantize_4bit_triton(packed: torch.Tensor, lay: NF4Layout, dtype: torch.dtype,
@@ -212,13 +275,21 @@ def dequantize_4bit_triton(packed: torch.Tensor, lay: NF4Layout, dtype: torch.dt
                          f"got {out.dtype} {tuple(out.shape)}")
     if lay.numel == 0:
         return out
-    grid = (triton.cdiv(-(-lay.numel // 2), cfg["BYTES"]),)
     a2 = lay.absmax2 if lay.nested else lay.absmax
     c2 = lay.code2 if lay.nested else lay.code
-    _dequant_4bit_kernel[grid](packed, lay.absmax, lay.code, out, lay.numel, a2, c2, float(lay.offset),
-                               BLOCKSIZE=lay.blocksize, BLOCKSIZE2=lay.blocksize2, NESTED=lay.nested,
-                               BYTES=cfg["BYTES"], SELECT=cfg["SELECT"], num_warps=cfg["num_warps"],
-                               enable_fp_fusion=False)
+    if cfg["kernel"] == "tiled":
+        rows = max(1, cfg["BYTES"] // (lay.blocksize // 2))
+        grid = (triton.cdiv(-(-lay.numel // lay.blocksize), rows),)
+        _dequant_4bit_tiled_kernel[grid](packed, lay.absmax, lay.code, lay.pairs, out, lay.numel, a2, c2,
+                                         float(lay.offset), BLOCKSIZE=lay.blocksize, BLOCKSIZE2=lay.blocksize2,
+                                         NESTED=lay.nested, ROWS=rows, PAIR=cfg["PAIR"],
+                                         num_warps=cfg["num_warps"], enable_fp_fusion=False)
+    else:
+        grid = (triton.cdiv(-(-lay.numel // 2), cfg["BYTES"]),)
+        _dequant_4bit_kernel[grid](packed, lay.absmax, lay.code, out, lay.numel, a2, c2, float(lay.offset),
+                                   BLOCKSIZE=lay.blocksize, BLOCKSIZE2=lay.blocksize2, NESTED=lay.nested,
+                                   BYTES=cfg["BYTES"], SELECT=cfg["SELECT"], num_warps=cfg["num_warps"],
+                                   enable_fp_fusion=False)
     return out
 
 
@@ -415,6 +486,24 @@ def quantize_model_fast(model: nn.Module, r: int, alpha: float,
         lin.weight = None
         del lin
     return model
+
+
+def _fused_rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.variance_epsilon)
+
+
+def fuse_rms_norms(model: nn.Module) -> int:
+    """Make every Llama-style RMSNorm (``weight``, ``variance_epsilon``) call ``F.rms_norm``: one fused
+    kernel that computes in fp32 and saves only x and 1/rms, instead of transformers' chain of fp32
+    upcast, pow, mean, rsqrt, multiply and downcast (each a launch, the fp32 copy saved for backward).
+    Not bit-identical to transformers (the weight is applied before the one rounding to 16 bits).
+    Returns the number of norms patched."""
+    n = 0
+    for m in model.modules():
+        if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") and hasattr(m, "weight"):
+            m.forward = _fused_rms_norm_forward.__get__(m)
+            n += 1
+    return n
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -157,6 +157,21 @@ def test_triton_matches_bitsandbytes_on_cuda():
     ref = BF.dequantize_4bit(p, s)
     got = K.dequantize_4bit(p, s, torch.bfloat16, backend="triton")
     assert torch.equal(got.view(torch.int16), ref.view(torch.int16))
-    for cfg in ({"SELECT": True}, {"BYTES": 256, "num_warps": 2}, {"BYTES": 4096, "num_warps": 8}):
+    for cfg in ({"kernel": "flat", "SELECT": True}, {"kernel": "flat", "BYTES": 256, "num_warps": 2},
+                {"kernel": "tiled", "PAIR": False}, {"kernel": "tiled", "PAIR": True, "BYTES": 4096, "num_warps": 8},
+                {"kernel": "flat", "BYTES": 4096, "num_warps": 8}):
         out = K.dequantize_4bit_triton(p, K.layout_of(s), torch.bfloat16, **cfg)
         assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), cfg
+
+
+def test_fused_rms_norm_close_to_transformers():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    norm = LlamaRMSNorm(64, eps=1e-5).to(torch.bfloat16)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.1)
+    x = torch.randn(3, 5, 64).to(torch.bfloat16)
+    ref = norm(x)
+    holder = torch.nn.Sequential(norm)
+    assert K.fuse_rms_norms(holder) == 1
+    got = norm(x)
+    assert got.dtype == ref.dtype and (got.float() - ref.float()).abs().max() <= 2 * ref.float().abs().max() * 2**-8
