@@ -370,3 +370,135 @@ def build(method: str, model: nn.Module, num_virtual_tokens: int = 8, **kw) -> _
     if method == "prefix":
         return PrefixTuning(model, num_virtual_tokens, **kw)
     raise ValueError(f"method={method!r} must be one of {METHODS}")
+
+
+# --------------------------------------------------------------------------------------------------
+# one controlled experiment: same data, steps, seed and evaluation; only the method changes
+# --------------------------------------------------------------------------------------------------
+
+#: learning rates that work for each method at course scale (soft prompts need far larger steps than
+#: weights: Lester et al. use 0.3 with Adafactor; full fine-tuning the smallest)
+DEFAULT_LR = {"prompt": 3e-2, "p-tuning": 1e-2, "prefix": 1e-2, "lora": 2e-3, "lora-qv": 2e-3,
+              "qlora": 2e-3, "full": 1e-4}
+COMPARED = ("prompt", "p-tuning", "prefix", "lora-qv", "lora", "qlora", "full")
+
+
+@dataclass
+class MethodResult:
+    """One row of the comparison. Losses are token-weighted means over answer tokens."""
+    method: str
+    trainable: int
+    total: int
+    train_loss: float
+    eval_loss: float
+    token_accuracy: float            # held-out: share of answer tokens predicted exactly (teacher forcing)
+    seconds: float
+    memory_bytes: int                # CUDA peak when measured on a GPU, else the estimate below
+    memory_measured: bool
+    adapter_bytes: int               # what has to be stored/shipped per task
+    fact_accuracy: float | None = None
+    losses: list = None
+
+    @property
+    def gap(self) -> float:
+        """Generalisation gap: held-out loss minus training loss (larger = more over-fitting)."""
+        return self.eval_loss - self.train_loss
+
+
+@torch.no_grad()
+def answer_token_accuracy(model, tokenizer, examples, batch_size: int = 16) -> float:
+    """Share of answer tokens whose greedy next-token prediction is right, given the true prefix."""
+    from . import data as course_data
+
+    device = next(model.parameters()).device
+    right = total = 0
+    encoded = [course_data.encode_example(tokenizer, ex) for ex in examples]
+    for i in range(0, len(encoded), batch_size):
+        b = course_data.collate(encoded[i:i + batch_size], tokenizer.pad_token_id)
+        logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+        pred, labels = logits[:, :-1].argmax(-1).cpu(), b["labels"][:, 1:]
+        keep = labels != -100
+        right += int((pred[keep] == labels[keep]).sum())
+        total += int(keep.sum())
+    return right / max(total, 1)
+
+
+def _estimated_training_bytes(model: nn.Module) -> int:
+    """Weights (stored bytes, 4-bit ones included) + gradients + AdamW's two moments of the trainable ones."""
+    weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return weights + 3 * trainable
+
+
+def prepare_method(method: str, base: nn.Module, r: int = 8, num_virtual_tokens: int = 16):
+    """Turn a fresh base model into the thing to train; returns (model, adapter_bytes_fn)."""
+    from .lora import LoRAConfig, inject_lora, lora_layers
+
+    def lora_bytes(m):
+        return sum(l.lora_A.numel() * l.lora_A.element_size() + l.lora_B.numel() * l.lora_B.element_size()
+                   for l in lora_layers(m).values())
+
+    if method in ("prompt", "p-tuning", "prefix"):
+        kw = {"reparam_hidden": 64} if method == "prefix" else {}
+        wrapped = build(method, base, num_virtual_tokens, **kw)
+
+        def soft_bytes(m):
+            if isinstance(m, PrefixTuning):          # shipped: the prefix alone, the MLP is dropped
+                return num_virtual_tokens * m.kv_width * 4
+            return num_virtual_tokens * m.hidden_size * 4     # prompt / P-tuning's cached prompt
+        return wrapped, soft_bytes
+    if method in ("lora", "lora-qv", "qlora"):
+        targets = ("q_proj", "v_proj") if method == "lora-qv" else "all-linear"
+        inject_lora(base, LoRAConfig(r=r, alpha=2 * r, target_modules=targets))
+        if method == "qlora":
+            from .qlora import quantize_model
+            quantize_model(base, "nf4", double_quant=True)
+        return base, lora_bytes
+    if method == "full":
+        for p in base.parameters():
+            p.requires_grad_(True)
+        return base, lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
+    raise ValueError(f"method={method!r} must be one of {COMPARED}")
+
+
+def compare_methods(base_factory, tokenizer, train_examples, eval_examples, methods=COMPARED, *,
+                    steps: int = 100, batch_size: int = 8, lr: dict | None = None, seed: int = 0, r: int = 8,
+                    num_virtual_tokens: int = 16, fact_examples: int = 0, progress: bool = True) -> list[MethodResult]:
+    """Train every method from the same fresh base (``base_factory()``) on the same batches (same seed) for
+    the same number of steps, then evaluate all of them the same way. Only the method changes.
+
+    Metrics: final training loss (mean of the last 10 steps), held-out loss, their gap, held-out
+    answer-token accuracy, optional fact accuracy by generation on ``fact_examples`` held-out questions,
+    trainable parameters, wall time, memory (CUDA peak, or an estimate on CPU) and adapter bytes.
+    """
+    from tqdm.auto import tqdm
+
+    from .training import evaluate_loss, fact_accuracy, train
+
+    lrs = {**DEFAULT_LR, **(lr or {})}
+    unknown = [m for m in methods if m not in COMPARED]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {COMPARED}")
+    results = []
+    for method in tqdm(methods, desc="methods", disable=not progress):
+        torch.manual_seed(seed)
+        model, adapter_bytes = prepare_method(method, base_factory(), r, num_virtual_tokens)
+        device = next(model.parameters()).device
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        res = train(model, tokenizer, train_examples, steps=steps, lr=lrs[method], batch_size=batch_size,
+                    seed=seed, progress=False)
+        model.eval()
+        eval_loss = evaluate_loss(model, tokenizer, eval_examples)
+        stride = max(1, len(train_examples) // max(1, len(eval_examples)))   # an even sample of all facts
+        train_loss = evaluate_loss(model, tokenizer, list(train_examples)[::stride][: len(eval_examples)])
+        acc = answer_token_accuracy(model, tokenizer, eval_examples)
+        facts = fact_accuracy(model, tokenizer, eval_examples[:fact_examples]) if fact_examples else None
+        measured = res.peak_memory_bytes is not None
+        results.append(MethodResult(method, trainable, total, train_loss, eval_loss, acc, res.seconds,
+                                    res.peak_memory_bytes if measured else _estimated_training_bytes(model),
+                                    measured, adapter_bytes(model), facts, res.losses))
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results

@@ -170,3 +170,28 @@ def test_generate_and_errors():
         build("lora", tiny_llama(seed=0))
     with pytest.raises(ValueError, match="disagree"):
         causal_lm_loss(torch.randn(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_compare_methods_is_controlled_and_reports_every_metric():
+    from lora_ref import data
+    from lora_ref.peft_family import answer_token_accuracy, compare_methods
+
+    tok = data.tiny_tokenizer()
+    splits = data.load_dataset()
+    res = compare_methods(lambda: tiny_llama(seed=0), tok, splits.train[:16], splits.heldout[:4],
+                          methods=("prompt", "lora", "full"), steps=2, batch_size=4, progress=False)
+    by = {r.method: r for r in res}
+    assert list(by) == ["prompt", "lora", "full"]
+    base = tiny_llama(seed=0)
+    assert by["full"].trainable == by["full"].total == sum(p.numel() for p in base.parameters())
+    assert by["prompt"].trainable == 16 * 64 and by["prompt"].adapter_bytes == 16 * 64 * 4
+    assert by["lora"].adapter_bytes == 4 * by["lora"].trainable
+    for r in res:
+        assert len(r.losses) == 2 and 0 <= r.token_accuracy <= 1 and r.seconds > 0 and r.memory_bytes > 0
+        assert abs(r.gap - (r.eval_loss - r.train_loss)) < 1e-12
+    # full fine-tuning needs the most memory: gradients and two AdamW moments for every weight
+    assert by["full"].memory_bytes > by["lora"].memory_bytes > by["prompt"].memory_bytes
+    acc = answer_token_accuracy(base, tok, splits.heldout[:4])
+    assert 0 <= acc < 0.2, "a random model cannot predict the answers"
+    with pytest.raises(ValueError, match="unknown methods"):
+        compare_methods(lambda: tiny_llama(seed=0), tok, splits.train[:4], splits.heldout[:2], methods=("dora",))
