@@ -774,6 +774,9 @@ check("05.qlora_linear", QLoRALinear)
 #
 # Same weight, same input: quantisation error, storage and time per forward pass (CPU or GPU).
 # %%
+import copy                                   # noqa: E402
+
+
 def bench(fn, repeat=5):
     fn()
     if DEVICE.type == "cuda":
@@ -797,17 +800,20 @@ except NotImplementedError:
     print("(your QLoRALinear is not implemented yet: only the article's version is measured)")
 xb = torch.randn(8, in_f)
 rows = [("article", art, (art.base_weight_4bit.numel() * art.base_weight_4bit.element_size()
-                          + art.weight_scales.numel() * 4))]
+                          + art.weight_scales.numel() * 4), torch.device("cpu"))]   # its CPU table fails on a GPU
 if fixed is not None:
-    rows.append(("fixed", fixed, sum(b.numel() * b.element_size() for b in fixed.buffers())))
-for label, layer, nbytes in rows:
-    t = bench(lambda: layer(xb), repeat=3)
+    rows.append(("fixed", fixed, sum(b.numel() * b.element_size() for b in fixed.buffers()), torch.device("cpu")))
+    if DEVICE.type == "cuda":
+        rows.append(("fixed", copy.deepcopy(fixed).to(DEVICE), rows[-1][2], DEVICE))
+for label, layer, nbytes, dev in rows:
+    x_dev = xb.to(dev)
+    t = bench(lambda: layer(x_dev), repeat=3)
     with torch.no_grad():
-        w_hat = layer.dequantize_weight()
+        w_hat = layer.dequantize_weight().cpu()
         w_hat = w_hat.t() if label == "article" else w_hat
         err = ((w_hat - w_big).norm() / w_big.norm()).item()
-    print(f"{label:>8}: relative error {err:.4f}, storage {nbytes * 8 / w_big.numel():6.2f} bits/weight, "
-          f"forward {t * 1e3:8.1f} ms")
+    print(f"{label:>8} on {dev.type}: relative error {err:.4f}, storage {nbytes * 8 / w_big.numel():6.2f} bits/weight, "
+          f"forward {t * 1e3:8.2f} ms")
 
 # %% [markdown]
 # ## Interview practice
