@@ -176,7 +176,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=50)
     args = ap.parse_args(argv)
     device = pick_device(force_cpu=args.small)
-    shape = (256, 512) if args.small else (11008, 4096)
+    shape = (128, 256) if args.small else (11008, 4096)
     torch.manual_seed(0)
     W = (torch.randn(shape, device=device) * 0.02).to(torch.bfloat16)
     BF = _bnb()

@@ -175,3 +175,15 @@ def test_fused_rms_norm_close_to_transformers():
     assert K.fuse_rms_norms(holder) == 1
     got = norm(x)
     assert got.dtype == ref.dtype and (got.float() - ref.float()).abs().max() <= 2 * ref.float().abs().max() * 2**-8
+
+
+def test_layout_cache_follows_the_buffers():
+    from lora_ref.qlora import Linear4bit
+    lin = torch.nn.Linear(64, 32)
+    q = Linear4bit.from_linear(lin, "nf4", 64, True, torch.bfloat16)
+    first = K.layout_of(q.quant_state)
+    assert K.layout_of(q.quant_state) is first            # a fresh QuantState over the same buffers: a hit
+    q.requantize_(lin.weight.data * 2)                    # new buffers: a new layout, the right values
+    again = K.layout_of(q.quant_state)
+    assert again is not first
+    assert torch.equal(K.dequantize_4bit(q.weight, q.quant_state, torch.float32), q.dequantize(torch.float32))

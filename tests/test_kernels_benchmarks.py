@@ -1,0 +1,44 @@
+"""Every benchmark script runs end to end on the CPU with --small (tiny sizes), so CI keeps them working.
+The GPU figures themselves are committed in benchmarks/results/ (see benchmarks/README.md)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _run(script, tmp_path, *extra):
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--small", "--out", str(tmp_path), *extra],
+                          capture_output=True, text=True, cwd=str(BENCH), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(tmp_path.glob("*.json"))
+    assert files, proc.stdout[-2000:]
+    return json.loads(files[0].read_text()), proc.stdout
+
+
+def test_dequant_speed_small(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    res, out = _run("dequant_speed.py", tmp_path)
+    par = res["parity"]
+    assert par["packed_bytes_differing"] == 0 and par["torch_vs_eager_values_differing"] == 0
+    assert {"bitsandbytes", "lora_ref_eager"} <= set(res["speed"]["rows"])
+    assert res["seed_loop"]["seed_extrapolated_s"] > 0 and res["seed_loop"]["lora_ref_cpu_s"] > 0
+    assert "x bnb speed" in out
+
+
+def test_memory_vs_measured_small(tmp_path):
+    res, _ = _run("memory_vs_measured.py", tmp_path, "--methods", "full,lora,qlora")
+    assert len(res["rows"]) == 3
+    assert all(abs(r["error"]) < 0.05 for r in res["rows"]), res["rows"]
+
+
+def test_qlora_step_small(tmp_path):
+    res, out = _run("qlora_step.py", tmp_path, "--modes", "fast,lora_ref")
+    for mode in ("fast", "lora_ref"):
+        r = res["results"][mode]
+        assert "error" not in r, r.get("traceback")
+        assert r["trainable"] > 0 and r["tokens_per_s"] > 0 and all(map(lambda x: x == x, r["losses"]))
