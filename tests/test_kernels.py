@@ -187,3 +187,11 @@ def test_layout_cache_follows_the_buffers():
     again = K.layout_of(q.quant_state)
     assert again is not first
     assert torch.equal(K.dequantize_4bit(q.weight, q.quant_state, torch.float32), q.dequantize(torch.float32))
+
+
+def test_fast_module_follows_device_moves():
+    lin = torch.nn.Linear(64, 32)
+    m = K.FastQLoRALinear.from_linear(lin, r=2, alpha=4.0)
+    m.to("meta")
+    assert m.packed.device.type == "meta" and m.lay.absmax.device.type == "meta"
+    assert m.lay.code.device.type == "meta" and m.lay.absmax2.device.type == "meta"
