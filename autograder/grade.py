@@ -80,6 +80,16 @@ def matplotlib_cache(course_root: Path) -> str:
     return str(folder)
 
 
+def model_cache(assignments) -> str | None:
+    """If a notebook loads SmolLM2, build lora_ref's model cache once, before grading: kernels read it
+    through the read-only sandbox instead of each converting the GGUF file again (about 20 s)."""
+    if not any("load_smollm2" in c.source or "load_tokenizer" in c.source for a in assignments for c in a.cells):
+        return None
+    code = "from lora_ref.models import smollm2_folder, cache_dir; smollm2_folder(); print(cache_dir().parent)"
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=900)
+    return proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 and proc.stdout.strip() else None
+
+
 def prepare_assignment(name: str, opts: Options, course_root: Path) -> course_mod.Assignment:
     """Load the instructor notebook; (re)generate the release and gradebook entries if it changed."""
     a = course_mod.load_assignment(opts.source, name)
@@ -195,6 +205,7 @@ def grade(opts: Options) -> list[dict]:
         subs = [s for s in subs if s.assignment in (opts.assignment, None)]
     _kernelspec(course_root)
     mpl_cache = matplotlib_cache(course_root)
+    models = model_cache(prepared.values())
     limits = Limits(memory_mb=opts.memory_mb, cpu_seconds=opts.submission_timeout * (os.cpu_count() or 1))
     refs = {}
     for n, a in prepared.items():
@@ -226,7 +237,7 @@ def grade(opts: Options) -> list[dict]:
             exercises=a.exercise_ids, exercises_of=a.exercises_of,
             test_points={c.grade_id: c.points for c in a.test_cells}, max_score=a.max_score,
             reference=str(refs[a.name]), result_path=str(rpath), hidden_lines=hidden_lines(a),
-            previous_withdrawals=_previous_withdrawals(rpath), mpl_cache=mpl_cache,
+            previous_withdrawals=_previous_withdrawals(rpath), mpl_cache=mpl_cache, model_cache=models,
             blocked_reads=[str(ROOT / "lora_ref"), str(opts.source.resolve()), str(course_root)]))
     from tqdm import tqdm
 

@@ -15,7 +15,7 @@ cell ids (so a wrong file name still grades), falling back to the file name, the
 - duplicated graded cells: for answer cells the last copy keeps the metadata (it is what the learner
   ran last), for locked and test cells the duplicates are removed;
 - locked or test cells whose source or type was edited: noted; nbgrader restores them from the gradebook;
-- missing test cells: noted; nbgrader re-adds them (``OverwriteCells.add_missing_cells``) and they score 0;
+- missing test cells: noted; nbgrader puts them back (``OverwriteCells.add_missing_cells``) and runs them;
 - outputs are dropped (autograde clears them anyway), so huge outputs in the file cost nothing.
 """
 from __future__ import annotations
@@ -256,7 +256,7 @@ def repair(nb, assignment: Assignment, notes: list[str]) -> nbformat.NotebookNod
                and c.grade_id not in {x.metadata.get("nbgrader", {}).get("grade_id") for x in out.cells}]
     for gid in missing:
         kind = assignment.by_grade_id()[gid].kind
-        notes.append(f"{kind} cell {gid} is missing" + ("; nbgrader re-adds it and it scores 0" if kind == "test" else ""))
+        notes.append(f"{kind} cell {gid} is missing" + ("; nbgrader puts it back and runs it" if kind == "test" else ""))
     nbformat.validate(out)
     return out
 

@@ -58,6 +58,7 @@ def test_every_file_gets_a_result(graded):
 
 @pytest.mark.parametrize("student,score", [
     ("perfect", 5), ("blank", 0), ("partial", 2), ("forgot_scaling", 2), ("nbformat3", 5), ("jonesmary", 5),
+    ("missing_cells", 5),
     ("grace_hopper_5512", 5), ("duplicated_cells", 5), ("deleted_metadata", 5), ("edited_locked", 2),
     ("infinite_loop", 5), ("memory_bomb", 5), ("huge_output", 5), ("crash_exit", 2), ("segfault", 2),
 ])
@@ -78,8 +79,11 @@ def test_perfect_is_clean_and_feedback_hides_hidden_tests(graded):
 
 def test_patching_cheat_loses_the_points_and_is_flagged(graded):
     r = graded[2]["cheat_patch"]
-    assert r["nbgrader_score"] > r["score"] == 2, (r["nbgrader_score"], r["cells"])
-    assert r["withdrawn"] == ["test_scaled_linear"]
+    # the patching code sits in the lora_delta cell: its lora_ref import fails in the judge, so that
+    # cell defines nothing there either; ScaledLinear is wrong (x 1.01) and passed only thanks to the patch
+    assert r["nbgrader_score"] == 5 and r["score"] == 0, (r["nbgrader_score"], r["cells"])
+    assert sorted(r["withdrawn"]) == ["test_lora_delta", "test_scaled_linear"]
+    assert "differs from the reference" in r["judge"]["99.scaled_linear"]["error"]
     assert r["audit"]["flag"] == "integrity"
     static = " ".join(r["audit"]["static"])
     assert "torch.allclose" in static and "_grading.check" in static
@@ -119,8 +123,9 @@ def test_rejected_files_say_why(graded):
     results = graded[2]
     assert results["invalid_json"]["status"] == "rejected" and "invalid JSON" in results["invalid_json"]["notes"][0]
     assert results["not_a_notebook"]["status"] == "rejected"
-    assert any("missing" in n for n in results["missing_cells"]["notes"])
-    assert results["missing_cells"]["cells"]["test_scaled_linear"]["score"] == 0
+    # a deleted test cell is put back by nbgrader and run (the learner cannot dodge a test by deleting it)
+    assert any("test cell test_scaled_linear is missing" in n for n in results["missing_cells"]["notes"])
+    assert results["missing_cells"]["cells"]["test_scaled_linear"]["score"] == 3
 
 
 def test_regrading_one_student_is_idempotent_and_touches_no_other(graded):
