@@ -203,16 +203,20 @@ check("06.dequantize_4bit", dequantize_4bit)
 class Dequantize4bitLinear(torch.autograd.Function):
     """y = x W^T + b with W kept in 4 bits: dequantised in forward and again in backward, never saved."""
 
-    ### BEGIN SOLUTION
     @staticmethod
     def forward(ctx, x, packed, state, bias):
+        """Dequantise W in x.dtype, return F.linear(x, W, bias); save only ``packed`` (and ctx.state)."""
+        ### BEGIN SOLUTION
         weight = dequantize_4bit(packed, state, x.dtype)             # (out, in), transient
         ctx.state = state
         ctx.save_for_backward(packed)
         return F.linear(x, weight, bias)
+        ### END SOLUTION
 
     @staticmethod
     def backward(ctx, grad_out):
+        """(grad_x, None, None, grad_bias) with W dequantised again; None where no gradient is needed."""
+        ### BEGIN SOLUTION
         (packed,) = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -220,7 +224,7 @@ class Dequantize4bitLinear(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, None, grad_bias
-    ### END SOLUTION
+        ### END SOLUTION
 
 
 # %% test id=test_dequantize_4bit_linear points=4
@@ -266,9 +270,9 @@ check("06.dequantize_4bit_linear", Dequantize4bitLinear)
 class QLoRALinear(nn.Module):
     """y = base_4bit(x) + (alpha / r) * x A^T B^T; A (r, in), B (out, r); only A and B train."""
 
-    ### BEGIN SOLUTION
     def __init__(self, base, r: int = 8, alpha: float = 16.0):
         super().__init__()
+        ### BEGIN SOLUTION
         if not 1 <= r <= min(base.in_features, base.out_features):
             raise ValueError(f"r={r} must be in [1, min(in, out)]")
         self.base_layer = base
@@ -279,15 +283,17 @@ class QLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        ### END SOLUTION
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ### BEGIN SOLUTION
         base = self.base_layer
         cd = base.compute_dtype
         bias = None if base.bias is None else base.bias.to(cd)
         out = Dequantize4bitLinear.apply(x.to(cd), base.weight, base.quant_state, bias).to(x.dtype)
         update = (x.float() @ self.lora_A.t()) @ self.lora_B.t()
         return out + (update * self.scaling).to(out.dtype)
-    ### END SOLUTION
+        ### END SOLUTION
 
 
 # %% test id=test_qlora_linear points=3
