@@ -273,6 +273,25 @@ def feedback(job: dict, cfg) -> tuple[str, list[str]]:
     return str(path), leaks
 
 
+def add_judge_section(path: Path, result: dict) -> None:
+    """Put the judge's verdicts at the top of the feedback page, so a withdrawn test cell (shown as
+    0 points although it ran without error) is explained. The messages name the case and the output
+    that differs, never hidden-test code."""
+    rows = []
+    for ex_id, o in sorted(result["judge"].items()):
+        verdict = "passed" if o["passed"] else f"failed: {html.escape(o['error'][:400])}"
+        rows.append(f"<li><code>{html.escape(ex_id)}</code> ({o['cases_passed']}/{o['cases']} cases) {verdict}</li>")
+    withdrawn = "".join(f"<li>{html.escape(w.split(':', 1)[0])}: points withdrawn, see the checks above</li>"
+                        for w in result["audit"]["withdrawn"])
+    block = ('<div class="autograder-judge" style="border:1px solid #888;padding:8px;margin:8px">'
+             "<b>Checks run outside your notebook</b> (your answer cells alone, in a fresh process, against the "
+             f"reference):<ul>{''.join(rows)}</ul>" + (f"<ul>{withdrawn}</ul>" if withdrawn else "") + "</div>")
+    text = path.read_text()
+    m = re.search(r"<body[^>]*>", text)
+    if m:
+        path.write_text(text[:m.end()] + block + text[m.end():])
+
+
 def grade(job: dict) -> dict:
     from autograder import audit, judge
     from autograder.course import cell_kind
@@ -361,6 +380,8 @@ def grade(job: dict) -> dict:
     if ok:
         try:
             result["feedback"], result["hidden_leaks"] = feedback(job, cfg)
+            if result["feedback"]:
+                add_judge_section(Path(result["feedback"]), result)
         except Exception as exc:  # noqa: BLE001 - feedback is a convenience; the grade stands
             result["notes"].append(f"feedback HTML failed: {exc}")
     result["seconds"] = round(time.time() - t0, 1)

@@ -74,7 +74,8 @@ def test_perfect_is_clean_and_feedback_hides_hidden_tests(graded):
     assert r["audit"]["flag"] == "ok", r["audit"]
     assert all(o["passed"] for o in r["judge"].values())
     html = Path(r["feedback"]).read_text()
-    assert "99.scaled_linear" not in html and "check(" not in html and r["hidden_leaks"] == []
+    assert 'check("99.scaled_linear"' not in html and "check(&quot;" not in html and r["hidden_leaks"] == []
+    assert "Checks run outside your notebook" in html
 
 
 def test_patching_cheat_loses_the_points_and_is_flagged(graded):
