@@ -37,8 +37,8 @@ def test_memory_vs_measured_small(tmp_path):
 
 
 def test_qlora_step_small(tmp_path):
-    res, out = _run("qlora_step.py", tmp_path, "--modes", "fast,lora_ref")
-    for mode in ("fast", "lora_ref"):
+    res, out = _run("qlora_step.py", tmp_path, "--modes", "fast")
+    for mode in ("fast",):
         r = res["results"][mode]
         assert "error" not in r, r.get("traceback")
         assert r["trainable"] > 0 and r["tokens_per_s"] > 0 and all(map(lambda x: x == x, r["losses"]))
