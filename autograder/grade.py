@@ -238,7 +238,9 @@ def grade(opts: Options) -> list[dict]:
             test_points={c.grade_id: c.points for c in a.test_cells}, max_score=a.max_score,
             reference=str(refs[a.name]), result_path=str(rpath), hidden_lines=hidden_lines(a),
             previous_withdrawals=_previous_withdrawals(rpath), mpl_cache=mpl_cache, model_cache=models,
-            blocked_reads=[str(ROOT / "lora_ref"), str(opts.source.resolve()), str(course_root)]))
+            blocked_reads=[str(ROOT / "lora_ref"), str(opts.source.resolve()), str(course_root)],
+            hidden=[str(opts.source.resolve()), str(course_root / "submitted"), str(out / "intake"),
+                    str(out / "samples"), str(out / "unzipped"), str(Path(opts.submissions).resolve())]))
     from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), desc="grading", unit="submission", disable=opts.quiet, file=sys.stderr)

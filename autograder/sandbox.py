@@ -16,7 +16,9 @@ Each gets, before any learner code runs:
 3. A PEP 578 audit hook, which learner code cannot remove, that records what the process tried:
    writes or deletions outside the sandbox, new processes, ctypes, imports of blocked packages, reads
    of blocked files. Records go to ``<scratch>/audit.jsonl``; the parent turns them into the audit report.
-4. A watchdog thread that kills the process group when the parent process dies, so no kernel outlives
+4. Folders the learner has no business reading (the instructor's notebooks, other students' submissions
+   and originals) are covered by an empty read-only tmpfs inside the namespace.
+5. A watchdog thread that kills the process group when the parent process dies, so no kernel outlives
    the grading run.
 """
 from __future__ import annotations
@@ -77,6 +79,7 @@ class Report:
     namespace_error: str = ""
     readonly_mounts: int = 0
     writable: list[str] = field(default_factory=list)
+    hidden: list[str] = field(default_factory=list)
 
 
 def apply_limits(limits: Limits) -> None:
@@ -117,8 +120,10 @@ def _mount_points() -> list[tuple[str, set[str]]]:
     return points
 
 
-def readonly_namespace(writable: list[Path]) -> Report:
-    """Enter a new user + mount namespace where only ``writable`` folders can be written.
+def readonly_namespace(writable: list[Path], hidden: list[Path] = ()) -> Report:
+    """Enter a new user + mount namespace where only ``writable`` folders can be written and the
+    ``hidden`` folders look empty (an empty read-only tmpfs is mounted over each: the instructor's
+    notebooks, other students' submissions and originals).
 
     Must run while the process has a single thread (``unshare(CLONE_NEWUSER)`` requires it).
     """
@@ -132,6 +137,12 @@ def readonly_namespace(writable: list[Path]) -> Report:
     _write("/proc/self/uid_map", f"0 {uid} 1")
     _write("/proc/self/gid_map", f"0 {gid} 1")
     _mount(libc, None, "/", MS_REC | MS_PRIVATE)
+    for folder in hidden:
+        folder = Path(folder)
+        if folder.is_dir() and not any(Path(w).resolve().is_relative_to(folder.resolve()) for w in writable):
+            rc = libc.mount(b"tmpfs", str(folder.resolve()).encode(), b"tmpfs", ctypes.c_ulong(MS_RDONLY), b"size=4k")
+            if rc == 0:
+                report.hidden.append(str(folder))
     keep = set()
     for folder in writable:
         folder = str(Path(folder).resolve())
@@ -300,13 +311,17 @@ def watch_parent(interval: float = 0.5) -> None:
     threading.Thread(target=loop, name="autograder-watchdog", daemon=True).start()
 
 
-def enter(sandbox: Path, scratch: Path, limits: Limits, **auditor_kwargs) -> tuple[Report, Auditor]:
-    """Set up containment for the current process (call first thing, single-threaded)."""
+def enter(sandbox: Path, scratch: Path, limits: Limits, hidden: list[Path] = (), **auditor_kwargs) -> tuple[Report, Auditor]:
+    """Set up containment for the current process (call first thing, single-threaded).
+
+    ``hidden`` defaults to the folders listed (``os.pathsep``-separated) in ``AUTOGRADER_HIDDEN``."""
     writable = [sandbox, scratch]
+    if not hidden:
+        hidden = [Path(p) for p in os.environ.get("AUTOGRADER_HIDDEN", "").split(os.pathsep) if p]
     report = Report(writable=[str(p) for p in writable])
     if os.environ.get("AUTOGRADER_NO_NAMESPACE") != "1":
         try:
-            report = readonly_namespace(writable)
+            report = readonly_namespace(writable, hidden)
         except OSError as exc:
             report.namespace_error = str(exc)
     else:

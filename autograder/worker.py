@@ -75,6 +75,7 @@ def _env(job: dict, scratch: Path) -> None:
         "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
         **{k: str(v) for k, v in job["limits_env"].items()},
     })
+    os.environ["AUTOGRADER_HIDDEN"] = os.pathsep.join(job.get("hidden", []))
     if job.get("model_cache"):
         os.environ["LORA_REF_CACHE"] = job["model_cache"]   # read-only in the sandbox; built by the grader
 

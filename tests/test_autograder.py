@@ -222,6 +222,22 @@ def test_sandbox_blocks_writes_outside_and_records_them(tmp_path):
     assert "write_outside" in log and "outside.txt" in log
 
 
+def test_sandbox_hides_folders(tmp_path):
+    secret = tmp_path / "solutions"
+    secret.mkdir()
+    (secret / "answer.txt").write_text("42")
+    proc = subprocess.run([PY, "-c", textwrap.dedent(f"""
+        import os
+        from pathlib import Path
+        from autograder import sandbox
+        Path("box").mkdir(); Path("scratch").mkdir()
+        report, _ = sandbox.enter(Path("box").resolve(), Path("scratch").resolve(), sandbox.Limits(), hidden=[Path({str(secret)!r})])
+        print(report.hidden, os.listdir({str(secret)!r}))
+    """)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.stdout.strip().endswith("[]"), proc.stdout + proc.stderr
+    assert str(secret) in proc.stdout and (secret / "answer.txt").exists()
+
+
 def test_sandbox_memory_limit_turns_a_bomb_into_memory_error(tmp_path):
     proc = _sandboxed(tmp_path, """
         hoard = []
