@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from .adapters import read_adapter
-from .lora import lora_layers, merge_and_unload
+from .lora import _set_submodule, lora_layers, merge_and_unload
 
 BASE = None          # the adapter name that means "no adapter: the base model alone"
 
@@ -241,11 +241,6 @@ class MultiLoRALinear(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # the server
 # --------------------------------------------------------------------------------------------------
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
 
 class AdapterServer:
     """One base model, many LoRA adapters, switched by name without reloading or copying the base.
