@@ -110,6 +110,7 @@ class SweepRun:
     losses: list[float] = field(default_factory=list)
     eval_loss: float = float("nan")
     eval_token_accuracy: float = float("nan")
+    eval_points: list[tuple[int, float]] = field(default_factory=list)     # (step, eval loss) every eval_every
     seconds: float = 0.0
 
 
@@ -140,7 +141,7 @@ def evaluate_top(model, cache: PrefixCache, batch_size: int = 16) -> tuple[float
 
 def train_top(model, cache: PrefixCache, eval_cache: PrefixCache | None = None, *, steps: int, lr: float,
               batch_size: int = 8, seed: int = 0, max_grad_norm: float = 1.0, progress: bool = False,
-              desc: str = "training") -> SweepRun:
+              desc: str = "training", eval_every: int | None = None) -> SweepRun:
     """AdamW on the trainable parameters (which must all sit at or above ``cache.first_layer``)."""
     if steps < 1 or lr <= 0:
         raise ValueError(f"steps={steps} must be >= 1 and lr={lr} > 0")
@@ -160,7 +161,7 @@ def train_top(model, cache: PrefixCache, eval_cache: PrefixCache | None = None, 
     model.eval()                                           # no dropout anywhere: the cache stays exact
     order: list[int] = []
     start = time.perf_counter()
-    for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+    for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
         if len(order) < batch_size:
             fresh = list(range(len(cache)))
             rng.shuffle(fresh)
@@ -172,6 +173,8 @@ def train_top(model, cache: PrefixCache, eval_cache: PrefixCache | None = None, 
         opt.step()
         opt.zero_grad(set_to_none=True)
         run.losses.append(loss.item())
+        if eval_cache is not None and eval_every and (step + 1) % eval_every == 0:
+            run.eval_points.append((step + 1, evaluate_top(model, eval_cache)[0]))
     run.seconds = time.perf_counter() - start
     if eval_cache is not None:
         run.eval_loss, run.eval_token_accuracy = evaluate_top(model, eval_cache)

@@ -48,8 +48,9 @@ def test_train_top_learns_and_evaluates(tok):
     model = _model(tok)
     splits = data.load_dataset()
     cache = sweep.cache_prefix(model, tok, splits.train[:16], first_layer=2)
-    run = sweep.train_top(model, cache, cache, steps=30, lr=1e-2, batch_size=8)
+    run = sweep.train_top(model, cache, cache, steps=30, lr=1e-2, batch_size=8, eval_every=10)
     assert len(run.losses) == 30 and run.losses[-1] < run.losses[0]
+    assert [s for s, _ in run.eval_points] == [10, 20, 30] and run.eval_points[-1][1] == pytest.approx(run.eval_loss)
     loss, acc = sweep.evaluate_top(model, cache)
     assert loss == pytest.approx(run.eval_loss) and 0.0 <= acc <= 1.0
     # the evaluation loss is the token-weighted mean the training module computes on the full model
