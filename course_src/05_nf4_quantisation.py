@@ -834,6 +834,35 @@ for label, layer, nbytes, dev in rows:
           f"forward {t * 1e3:8.2f} ms")
 
 # %% [markdown]
+# The same comparison at full size, committed from an NVIDIA H200 run of `benchmarks/dequant_speed.py`
+# (the 11008 x 4096 MLP weight of a 7B model: the article's loop extrapolated on a CPU, lora_ref's
+# vectorised quantiser, and dequantisation speed against bitsandbytes):
+# %%
+import glob                                    # noqa: E402
+import json                                    # noqa: E402
+from pathlib import Path                       # noqa: E402
+
+import lora_ref                                # noqa: E402
+
+results_dir = Path(lora_ref.__file__).resolve().parents[1] / "benchmarks" / "results"
+found = sorted(glob.glob(str(results_dir / "dequant_speed_*.json")))
+if not found:
+    print(f"no dequant_speed results in {results_dir} yet (benchmarks/dequant_speed.py writes them on a GPU)")
+for path in found:
+    res = json.loads(Path(path).read_text())
+    info, loop = res.get("info", {}), res.get("seed_loop", {})
+    print(f"{Path(path).name}: {info.get('gpu')}, {info.get('date')}, torch {info.get('torch')}, "
+          f"bitsandbytes {info.get('bitsandbytes')}")
+    if loop:
+        print(f"  article's per-block loop, extrapolated: {loop['seed_extrapolated_s']:.1f} s;  lora_ref vectorised: "
+              f"{loop['lora_ref_cpu_s']:.2f} s on the CPU ({loop['speedup_cpu']:.0f}x), "
+              f"{loop['lora_ref_gpu_s'] * 1e3:.1f} ms on the GPU ({loop['speedup_gpu']:,.0f}x)")
+    for name, r in res.get("speed", {}).get("rows", {}).items():
+        if name.startswith(("tiled_", "flat_")):      # the kernel-tuning sweep: see benchmarks/README.md
+            continue
+        print(f"  {name:>28}: {r['median_ms']:7.3f} ms" + (f", {r['GBps']:6.0f} GB/s" if "GBps" in r else ""))
+
+# %% [markdown]
 # ## Interview practice
 #
 # Say or write each answer first, then open the model answer.

@@ -519,9 +519,12 @@ else:
 #
 # ### The committed GPU results (benchmarks/results/)
 #
-# The perf helpers ran `benchmarks/qlora_step.py` and `benchmarks/memory_vs_measured.py` on an NVIDIA H200:
-# the Llama-2-7B shape (random weights), batch 4 x 512 tokens, r = 16 on all 7 projections, gradient
-# checkpointing, AdamW, bf16 compute, NF4 + double quantisation. The cell reads whatever JSON files are there.
+# The perf helpers ran `benchmarks/qlora_step.py`, `benchmarks/memory_vs_measured.py` and
+# `benchmarks/dequant_speed.py` on an NVIDIA H200: the Llama-2-7B shape (random weights), batch 4 x 512
+# tokens, r = 16 on all 7 projections, AdamW, bf16 compute, NF4 + double quantisation, with and without
+# gradient checkpointing. The cell reads whatever JSON files are there (benchmarks/README.md discusses them).
+# One finding to remember: the anchor's 25.9 GB for the recipe was measured *without* checkpointing; a
+# model from `from_pretrained` is in eval mode, and transformers only checkpoints layers in training mode.
 # %%
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -553,15 +556,18 @@ if not step_results:
 for path, payload in step_results:
     print(f"\n{path.name}: shape {payload.get('shape')}, batch {payload.get('batch')} x {payload.get('seq')} tokens")
     print("  measured on", describe(payload.get("info", {})))
-    print(f"  {'mode':>10} {'tokens/s':>9} {'step s':>7} {'peak GB':>8}  note")
+    print(f"  {'mode':>17} {'tokens/s':>9} {'step s':>7} {'peak GB':>8}  note")
     notes = {"recipe": "Transformers + bitsandbytes + PEFT (the usual QLoRA recipe)",
-             "bf16_lora": "16-bit LoRA, same stack", "lora_ref": "lora_ref.qlora (this course's layer)",
-             "fast": "lora_ref.kernels (fused dequant + adapter, chunked loss)"}
+             "recipe_no_ckpt": "the recipe without gradient checkpointing (how the anchor was measured)",
+             "bf16_lora": "16-bit LoRA, same stack", "bf16_lora_no_ckpt": "16-bit LoRA without checkpointing",
+             "lora_ref": "lora_ref.qlora (this course's readable layer)",
+             "fast": "lora_ref.kernels (Triton dequant, fused base + adapter, chunked loss)",
+             "fast_norm": "fast + fused RMSNorm"}
     for mode, res in payload.get("results", {}).items():
         if "error" in res:
-            print(f"  {mode:>10}  error: {str(res['error']).splitlines()[-1][:80]}")
+            print(f"  {mode:>17}  error: {str(res['error']).splitlines()[-1][:80]}")
             continue
-        print(f"  {mode:>10} {res['tokens_per_s']:9,.0f} {res['step_s']:7.3f} {res.get('peak_gb', float('nan')):8.2f}  "
+        print(f"  {mode:>17} {res['tokens_per_s']:9,.0f} {res['step_s']:7.3f} {res.get('peak_gb', float('nan')):8.2f}  "
               f"{notes.get(mode, '')}")
     for mode, pred in payload.get("calculator_peak_gb", {}).items():
         print(f"  calculator ({mode}): {pred:.2f} GB")
@@ -576,6 +582,19 @@ for path, payload in mem_results:
     print(f"  {payload.get('within_10pct')}/{payload.get('n')} configurations within 10%")
 if not mem_results:
     print("\nNo memory-vs-measured GPU results yet (benchmarks/memory_vs_measured.py).")
+
+for path, payload in load_results("dequant_speed_*.json"):
+    rows_d = payload.get("speed", {}).get("rows", {})
+    print(f"\n{path.name}: NF4 dequantise of a {payload.get('shape')} weight, measured on {describe(payload.get('info', {}))}")
+    for name, r in rows_d.items():
+        if name.startswith(("tiled_", "flat_")):      # the kernel-tuning sweep: see benchmarks/README.md
+            continue
+        gbps = f"{r['GBps']:7.0f} GB/s" if "GBps" in r else ""
+        print(f"  {name:>28}: {r['median_ms']:7.3f} ms {gbps}")
+    parity = payload.get("parity", {})
+    if parity:
+        print(f"  bit parity with bitsandbytes on the GPU: {sum(v for v in parity.values() if isinstance(v, (int, float)))} "
+              f"values or bytes differ over {len(parity)} checks")
 
 # %% [markdown]
 # ### Quality: QLoRA vs 16-bit LoRA on SmolLM2, the full run
