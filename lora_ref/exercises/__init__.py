@@ -13,6 +13,16 @@ and the autograder can replay the very same cases in a clean process (see autogr
 learner's monkeypatching inside the notebook kernel cannot reach the comparison.
 
 Per-notebook exercises live in ``nbNN.py`` modules beside this file; they register themselves on import.
+
+What the autograder's judge relies on (autograder/judge.py):
+
+- ``cases()`` returns the same list in every process (seeded; plain values only);
+- ``run(obj, case)`` builds its inputs itself (seeded) and returns a dict of tensors; it may raise
+  AssertionError with a learner-facing message for structural problems;
+- the learner's symbol is defined by the notebook's answer cells alone, with ``torch, nn, F, math, np``
+  predefined (answer cells are replayed without the rest of the notebook, without lora_ref importable);
+- a test cell is judged on the exercises of the ``check("NN.name", ...)`` calls in its source; the id must
+  be a string literal.
 """
 from __future__ import annotations
 
