@@ -766,8 +766,8 @@ xb = torch.randn(8, 128, 576, device=DEVICE, dtype=dt)
 reps = 3 if GRADING else 10
 t_lora, t_qlora = fwd_bwd_ms(lora_layer, xb, reps), fwd_bwd_ms(qlora_layer, xb, reps)
 print(f"16-bit LoRA layer: {t_lora:7.2f} ms   QLoRA layer: {t_qlora:7.2f} ms   ({t_qlora / t_lora:.2f}x) on {DEVICE}")
-print("H200 anchor, whole Llama-2-7B step with the usual recipe: QLoRA 5,060 vs bf16 LoRA 8,088 tokens/s (0.63x);"
-      " bitsandbytes#465 'why is 4-bit slower than 16-bit' is this.")
+print("H200 anchor, whole Llama-2-7B step with the usual recipe (no checkpointing): QLoRA 5,060 vs bf16 LoRA 8,088"
+      " tokens/s (0.63x); bitsandbytes#465 'why is 4-bit slower than 16-bit' is this.")
 
 # %% [markdown]
 # ### 8d. Inference latency: the article's "extra de-quantisation overhead", and merging
