@@ -398,6 +398,7 @@ class MethodResult:
     adapter_bytes: int               # what has to be stored/shipped per task
     fact_accuracy: float | None = None
     losses: list = None
+    model: nn.Module | None = None   # the trained model, for the methods named in ``keep``
 
     @property
     def gap(self) -> float:
@@ -463,13 +464,15 @@ def prepare_method(method: str, base: nn.Module, r: int = 8, num_virtual_tokens:
 
 def compare_methods(base_factory, tokenizer, train_examples, eval_examples, methods=COMPARED, *,
                     steps: int = 100, batch_size: int = 8, lr: dict | None = None, seed: int = 0, r: int = 8,
-                    num_virtual_tokens: int = 16, fact_examples: int = 0, progress: bool = True) -> list[MethodResult]:
+                    num_virtual_tokens: int = 16, fact_examples: int = 0, progress: bool = True,
+                    keep: tuple[str, ...] = ()) -> list[MethodResult]:
     """Train every method from the same fresh base (``base_factory()``) on the same batches (same seed) for
     the same number of steps, then evaluate all of them the same way. Only the method changes.
 
     Metrics: final training loss (mean of the last 10 steps), held-out loss, their gap, held-out
     answer-token accuracy, optional fact accuracy by generation on ``fact_examples`` held-out questions,
     trainable parameters, wall time, memory (CUDA peak, or an estimate on CPU) and adapter bytes.
+    The trained models of the methods in ``keep`` are returned in ``MethodResult.model``; the others are freed.
     """
     from tqdm.auto import tqdm
 
@@ -497,7 +500,8 @@ def compare_methods(base_factory, tokenizer, train_examples, eval_examples, meth
         measured = res.peak_memory_bytes is not None
         results.append(MethodResult(method, trainable, total, train_loss, eval_loss, acc, res.seconds,
                                     res.peak_memory_bytes if measured else _estimated_training_bytes(model),
-                                    measured, adapter_bytes(model), facts, res.losses))
+                                    measured, adapter_bytes(model), facts, res.losses,
+                                    model if method in keep else None))
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -179,9 +179,11 @@ def test_compare_methods_is_controlled_and_reports_every_metric():
     tok = data.tiny_tokenizer()
     splits = data.load_dataset()
     res = compare_methods(lambda: tiny_llama(seed=0), tok, splits.train[:16], splits.heldout[:4],
-                          methods=("prompt", "lora", "full"), steps=2, batch_size=4, progress=False)
+                          methods=("prompt", "lora", "full"), steps=2, batch_size=4, progress=False,
+                          keep=("lora",))
     by = {r.method: r for r in res}
     assert list(by) == ["prompt", "lora", "full"]
+    assert by["prompt"].model is None and by["lora"].model is not None       # only what was asked is kept
     base = tiny_llama(seed=0)
     assert by["full"].trainable == by["full"].total == sum(p.numel() for p in base.parameters())
     assert by["prompt"].trainable == 16 * 64 and by["prompt"].adapter_bytes == 16 * 64 * 4
