@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from lora_ref.exercises import Case, Exercise, register
 from lora_ref.lora import count_parameters
+from lora_ref.models import tiny_llama
 
 
 def _counts(result) -> tuple[int, int]:
@@ -29,7 +30,8 @@ def _shared_mlp(seed: int) -> nn.Module:
 
 
 def _tiny_llama(seed: int, tie: bool) -> nn.Module:
-    from lora_ref.models import tiny_llama
+    # imported here at module load, not at call time: the out-of-kernel judge drops lora_ref from
+    # sys.modules (and blocks importing it) before it runs learner code through these cases
     return tiny_llama(seed=seed, tie_word_embeddings=tie, hidden_size=32, intermediate_size=48,
                       num_hidden_layers=1 + seed % 2)
 
