@@ -55,11 +55,14 @@ def make_submissions(folder: Path, assignment: str, n: int) -> None:
 def plain_nbgrader(tmp: Path, submissions: Path, assignment: str, timeout: int) -> float:
     """nbgrader autograde, one process, all students in sequence (the generation step is not timed)."""
     course = tmp / "plain"
+    course.mkdir()
     env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
     common = [f"--CourseDirectory.root={course}", f"--CourseDirectory.source_directory={ROOT / 'solutions'}",
               "--CourseDirectory.release_directory=release", "--log-level=ERROR"]
-    subprocess.run([sys.executable, "-m", "nbgrader", "generate_assignment", assignment, "--force", *common],
-                   cwd=tmp, env=env, check=True, capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "nbgrader", "generate_assignment", assignment, "--force", *common],
+                          cwd=tmp, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nbgrader generate_assignment failed:\n{proc.stderr[-3000:]}")
     for f in sorted(submissions.glob("*.ipynb")):
         dest = course / "submitted" / f.name.split("_")[0] / assignment
         dest.mkdir(parents=True)
