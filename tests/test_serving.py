@@ -219,3 +219,25 @@ def test_latency_helpers():
     assert 9 <= s.median_ms < 200 and "median" in str(s)
     with pytest.raises(ValueError, match="repeats=0"):
         measure_latency(lambda: None, repeats=0)
+
+
+def test_text_generation_and_chat_session(three):
+    from lora_ref import data
+    from lora_ref.serving import ChatSession
+
+    tok = data.tiny_tokenizer()
+    server = AdapterServer(tiny_llama(seed=0))
+    server.add_adapter("billing", three["billing"])
+    replies = server.generate(tok, ["Where is my refund?", "Hi!"], ["billing", None], max_new_tokens=4)
+    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+    assert tok.padding_side == "right", "generate must restore the tokenizer's padding side"
+    bot = ChatSession(server.model, tok, server=server, adapter="billing", max_new_tokens=4, max_turns=2)
+    for q in ("one", "two", "three"):
+        assert isinstance(bot.ask(q), str)
+    assert [m["role"] for m in bot.history] == ["user", "assistant"] * 3 and server.active == "billing"
+    bot.reset()
+    assert bot.history == []
+    with pytest.raises(ValueError, match="needs server"):
+        ChatSession(server.model, tok, adapter="billing")
+    with pytest.raises(KeyError, match="unknown adapter"):
+        ChatSession(server.model, tok, server=server, adapter="nope")
