@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8888
 PYTEST_ARGS ?=
+# tools the packages call by name (nbgrader runs `alembic`, the lab finds `jupyter-*`) come from the venv
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: env lab test test-fast notebooks check-notebooks grade validate drill train browser-deps clean-env
 

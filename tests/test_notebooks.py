@@ -29,7 +29,9 @@ pytestmark = pytest.mark.slow
 def nbgrader(args: list[str], course: Path, timeout: float = 900) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "nbgrader", *args, f"--CourseDirectory.root={course}",
            "--CourseDirectory.source_directory=solutions", "--Execute.timeout=300", "--log-level=WARN"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # nbgrader runs the `alembic` program for its gradebook: the venv's bin must be on PATH
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=course, capture_output=True, text=True, timeout=timeout, env=env)
 
 
