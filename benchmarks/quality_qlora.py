@@ -86,6 +86,9 @@ def main(argv=None):
     result = {"info": info, "settings": {k: v for k, v in vars(args).items() if k != "out"},
               "heldout_examples": len(held), "train_examples": len(train_ex)}
     runs, deploy = {}, {}
+    result["runs"], result["deploy"] = runs, deploy
+    name = "quality_qlora" + ("_small" if args.small else "")
+    partial = lambda: write_results(name + "_partial", result, args.out or RESULTS)   # noqa: E731  (if cut short)
 
     print("base model (no adapter)")
     base = load()
@@ -98,6 +101,7 @@ def main(argv=None):
     lora.inject_lora(model, _config(args))
     runs["lora"] = {**_train(model, tok, train_ex, args), **_evaluate(model, tok, held, "lora")}
     del model
+    partial()
 
     print("QLoRA: NF4 + double quant base")
     model = load()
@@ -108,6 +112,7 @@ def main(argv=None):
     torch.manual_seed(0)
     qlora.inject_qlora(model, _config(args))
     runs["qlora"] = {**_train(model, tok, train_ex, args), **_evaluate(model, tok, held, "qlora")}
+    partial()
 
     print("deploying the QLoRA adapter")
     deploy["adapter"] = runs["qlora"]
@@ -140,12 +145,11 @@ def main(argv=None):
                               **_evaluate(model, tok, held, "qlora-8bit", accuracy=not args.fast)}
         del model
 
-    result["runs"], result["deploy"] = runs, deploy
     gap = 100 * (runs["lora"]["fact_accuracy"] - runs["qlora"]["fact_accuracy"])
     result["qlora_gap_points"] = gap
     result["within_2_points"] = abs(gap) <= 2.0 or runs["qlora"]["fact_accuracy"] >= runs["lora"]["fact_accuracy"]
-    name = "quality_qlora" + ("_small" if args.small else "")
     path = write_results(name, result, args.out or RESULTS)
+    path.with_name(path.name.replace(".json", "").replace(name, name + "_partial") + ".json").unlink(missing_ok=True)
     path.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
     return result
