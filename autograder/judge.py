@@ -86,9 +86,23 @@ def _learner_traceback(exc: BaseException) -> str:
     return _first_line(exc) + where
 
 
-def _snapshot() -> dict[str, int]:
-    """id() of every public attribute of the watched modules and classes."""
-    ids: dict[str, int] = {}
+def _learner_made(value) -> bool:
+    """Was ``value`` defined by the answer cells (a function or lambda compiled from ``<answer:...>``,
+    or a class/object of the ``__main__`` namespace the cells run in)? Libraries patch torch lazily
+    too (torch._dynamo wraps torch.manual_seed on first import; transformers adds nn.Module
+    methods), so only learner-made replacements count as evidence."""
+    code = getattr(value, "__code__", None) or getattr(getattr(value, "__func__", None), "__code__", None)
+    if code is not None and str(code.co_filename).startswith("<answer"):
+        return True
+    try:
+        return getattr(value, "__module__", None) == "__main__"
+    except Exception:  # noqa: BLE001 - a learner object may raise from __getattr__
+        return True
+
+
+def _snapshot() -> dict[str, tuple[int, bool]]:
+    """(id, learner-made) of every public attribute of the watched modules and classes."""
+    ids: dict[str, tuple[int, bool]] = {}
     for name in WATCHED_MODULES:
         mod = sys.modules.get(name)
         if mod is None:
@@ -97,19 +111,20 @@ def _snapshot() -> dict[str, int]:
             if isinstance(value, types.ModuleType):
                 continue      # submodules appear lazily as libraries import them
             if not attr.startswith("__") or attr in ("__import__", "__build_class__"):
-                ids[f"{name}.{attr}"] = id(value)
+                ids[f"{name}.{attr}"] = (id(value), _learner_made(value))
     for modname, clsname in WATCHED_CLASSES:
         cls = getattr(sys.modules.get(modname), clsname, None)
         if cls is not None:
             for attr, value in list(vars(cls).items()):
-                ids[f"{modname}.{clsname}.{attr}"] = id(value)
+                ids[f"{modname}.{clsname}.{attr}"] = (id(value), _learner_made(value))
     return ids
 
 
-def _diff(before: dict[str, int], after: dict[str, int]) -> list[str]:
-    changed = [f"replaced {k}" for k, v in after.items() if k in before and before[k] != v]
+def _diff(before: dict[str, tuple[int, bool]], after: dict[str, tuple[int, bool]]) -> list[str]:
+    """Watched attributes replaced or added by learner-made values, or deleted."""
+    changed = [f"replaced {k}" for k, v in after.items() if k in before and before[k][0] != v[0] and v[1]]
     removed = [f"deleted {k}" for k in before if k not in after]
-    added = [f"added {k}" for k in after if k not in before and not k.startswith("builtins._")]
+    added = [f"added {k}" for k, v in after.items() if k not in before and v[1]]
     return changed + removed + added
 
 

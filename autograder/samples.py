@@ -43,6 +43,7 @@ import nbformat
 from autograder.course import cell_kind
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ASSIGNMENT = "02_lora_linear"
 SOLUTION_MARKERS = re.compile(r"^\s*### (BEGIN|END) SOLUTION\s*$")
 
 
@@ -139,7 +140,8 @@ def cheat_reference(nb, assignment: str) -> None:
 
 def write_samples(dest: Path, source_root: Path = ROOT / "solutions", assignments: list[str] | None = None,
                   release_root: Path = ROOT / "notebooks") -> Path:
-    """Write every sample for each assignment (default: the first one that has hidden checks)."""
+    """Write every sample for each assignment (default: DEFAULT_ASSIGNMENT, the LoRA layer notebook
+    whose typical mistakes the samples imitate; else the assignment with the most judged exercises)."""
     from autograder.course import list_assignments, load_assignment
 
     dest = Path(dest)
@@ -147,10 +149,13 @@ def write_samples(dest: Path, source_root: Path = ROOT / "solutions", assignment
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     if not assignments:
-        names = [n for n in list_assignments(source_root) if load_assignment(source_root, n).exercise_ids]
-        if not names:
+        counts = {n: len(load_assignment(source_root, n).exercise_ids) for n in list_assignments(source_root)}
+        if counts.get(DEFAULT_ASSIGNMENT):
+            assignments = [DEFAULT_ASSIGNMENT]
+        elif any(counts.values()):
+            assignments = [max(counts, key=lambda n: (counts[n], -list(counts).index(n)))]
+        else:
             raise SystemExit(f"no assignment with hidden checks in {source_root}; build the notebooks first")
-        assignments = names[:1]
     for a in assignments:
         student = nbformat.read(str(release_root / a / f"{a}.ipynb"), as_version=4)
         solution = nbformat.read(str(Path(source_root) / a / f"{a}.ipynb"), as_version=4)

@@ -72,6 +72,8 @@ def _env(job: dict, scratch: Path) -> None:
         "JUPYTER_PATH": job["jupyter_path"], "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1",
         "OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"]),
         "AUTOGRADER_OUTPUT_BYTES": str(job["output_bytes"]),
+        "TORCHINDUCTOR_CACHE_DIR": str(scratch / "cache" / "torchinductor"),
+        "TRITON_CACHE_DIR": str(scratch / "cache" / "triton"),
         "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
         **{k: str(v) for k, v in job["limits_env"].items()},
     })
@@ -117,7 +119,8 @@ def _judge_once(job: dict, scratch: Path, answers: list[dict], skip_cells: list[
             "case_timeout": job["cell_timeout"], "blocked_reads": job["blocked_reads"],
             "skip_cells": skip_cells, "skip_cases": skip_cases}
     (judge_dir / "job.json").write_text(json.dumps(spec))
-    env = dict(os.environ, HOME=str(work), TMPDIR=str(work), OMP_NUM_THREADS="1")
+    env = dict(os.environ, HOME=str(work), TMPDIR=str(work), OMP_NUM_THREADS="1",
+               TORCHINDUCTOR_CACHE_DIR=str(work / "torchinductor"), TRITON_CACHE_DIR=str(work / "triton"))
     died = ""
     with open(judge_dir / "stderr.txt", "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "autograder.judge", "run", str(judge_dir / "job.json")],
