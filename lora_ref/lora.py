@@ -90,14 +90,16 @@ class LoRALinear(nn.Module):
         return out + (update * self.scaling).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """delta W = s * B @ A, shape (out, in), computed in fp32 (half-precision products lose bits)."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        """delta W = s * B @ A, shape (out, in), in at least fp32 (half-precision products lose bits)."""
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)      # fp64 stays fp64
+        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
 
     def _apply_delta(self, sign: float) -> None:
         w = self.base_layer.weight
         if not w.dtype.is_floating_point:
             raise TypeError(f"cannot merge into a {w.dtype} weight; dequantise it first (see lora_ref.qlora)")
-        new = w.data.float() + sign * self.delta_weight()
+        delta = self.delta_weight()
+        new = w.data.to(torch.promote_types(w.dtype, delta.dtype)) + sign * delta
         if not torch.isfinite(new).all():
             raise ValueError("merging would produce non-finite weights (NaN/Inf); adapter left unmerged")
         w.data.copy_(new.to(w.dtype))

@@ -194,3 +194,14 @@ def test_set_adapters_enabled_restores_base(tiny):
 def test_linear_module_names(tiny):
     assert linear_module_names(tiny) == ["down_proj", "gate_proj", "k_proj", "lm_head", "o_proj",
                                          "q_proj", "up_proj", "v_proj"]
+
+
+def test_float64_merge_keeps_float64_precision():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 16).double()
+    w0 = base.weight.detach().clone()
+    layer = LoRALinear(base, r=4, alpha=8)
+    nn.init.normal_(layer.lora_B)
+    assert layer.delta_weight().dtype == torch.float64
+    layer.merge(); layer.unmerge()
+    assert (base.weight - w0).abs().max() < 1e-12     # fp32 arithmetic would leave ~1e-7

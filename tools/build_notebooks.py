@@ -55,7 +55,7 @@ def _markdown_body(lines: list[str]) -> str:
     for line in lines:
         if line.startswith("# "):
             out.append(line[2:])
-        elif line.rstrip() == "#":
+        elif line.rstrip() in ("#", ""):          # blank lines (also trailing ones) are paragraph breaks
             out.append("")
         else:
             raise ValueError(f"markdown line must start with '# ': {line!r}")
