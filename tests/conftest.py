@@ -8,7 +8,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # nothing may come from a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*kernels-community.*")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# pytest runs with -n 2 on 2 cores: one thread per worker, or the workers oversubscribe the CPU
+torch.set_num_threads(1)
 
 
 @pytest.fixture
