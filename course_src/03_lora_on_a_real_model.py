@@ -436,7 +436,7 @@ axes[1].set_title(f"{len(held_sub)} held-out questions")
 plt.tight_layout(); plt.show()
 
 # %% [markdown]
-# Read the table with the sizes in mind: LoRA trains about 3.6% of the parameters, so its gradients and
+# Read the table with the sizes in mind: LoRA trains about 3.5% of the parameters, so its gradients and
 # optimizer state are about 28x smaller, and its checkpoint is a few MB instead of half a GB. The time per
 # step shrinks far less than 28x (compare the s/step column): the forward and backward passes still go
 # through every frozen weight (the gradient must flow through them to reach the adapters of earlier
@@ -539,7 +539,7 @@ del merged
 # r=16 vs 8) but is still a few percent of the model. Notebook 04 measures the difference.
 # </details>
 #
-# **Q3. LoRA trains 3.6% of the parameters. Why is a training step not 28x faster?**
+# **Q3. LoRA trains 3.5% of the parameters. Why is a training step not 28x faster?**
 # <details><summary>answer</summary>
 # The forward and backward passes still go through every frozen weight (gradients must flow through
 # them to reach the adapters in earlier layers). LoRA removes the weight-gradient matmuls (about a third of
