@@ -437,7 +437,7 @@ plt.tight_layout(); plt.show()
 
 # %% [markdown]
 # Read the table with the sizes in mind: LoRA trains about 3.5% of the parameters, so its gradients and
-# optimizer state are about 28x smaller, and its checkpoint is a few MB instead of half a GB. The time per
+# optimizer state are about 28x smaller, and its checkpoint is about 20 MB instead of half a GB. The time per
 # step shrinks far less than 28x (compare the s/step column): the forward and backward passes still go
 # through every frozen weight (the gradient must flow through them to reach the adapters of earlier
 # layers); LoRA saves the weight-gradient products and the optimizer update of 135M parameters, not the
@@ -544,7 +544,7 @@ del merged
 # The forward and backward passes still go through every frozen weight (gradients must flow through
 # them to reach the adapters in earlier layers). LoRA removes the weight-gradient matmuls (about a third of
 # the backward FLOPs) and the optimizer update for the frozen weights. The large savings are memory
-# (gradients and Adam state only for adapters: section 8) and storage (a few MB per task).
+# (gradients and Adam state only for adapters: section 8) and storage (about 20 MB per task here).
 # </details>
 #
 # **Q4. How do you evaluate whether fine-tuning worked? Why is "exp(loss) on the eval set" not enough?**
