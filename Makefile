@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # tools the packages call by name (nbgrader runs `alembic`, the lab finds `jupyter-*`) come from the venv
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: env lab test test-fast notebooks check-notebooks grade validate drill train browser-deps clean-env
+.PHONY: env lab test test-fast notebooks check-notebooks grade bench-grading validate drill train browser-deps clean-env
 
 env: $(STAMP)
 
@@ -50,7 +50,10 @@ check-notebooks: env
 
 # grade a folder/zip of submissions (default: the built-in sample class); see autograder/README.md
 grade: env
-	$(BIN)/python -m autograder grade $(SUBMISSIONS)
+	$(BIN)/python -m autograder grade $(SUBMISSIONS) $(if $(ASSIGNMENT),--assignment $(ASSIGNMENT)) $(GRADE_ARGS)
+
+bench-grading: env
+	$(BIN)/python benchmarks/grading_speed.py --n 4 --jobs 2
 
 # check your notebook before submitting: exits non-zero if a visible test fails
 validate: env
