@@ -125,8 +125,8 @@ def main(argv=None):
     del requant
     into_orig = load()
     with torch.no_grad():
-        for name, layer in lora.lora_layers(model).items():
-            into_orig.get_submodule(name).weight.add_(layer.delta_weight())
+        for layer_name, layer in lora.lora_layers(model).items():
+            into_orig.get_submodule(layer_name).weight.add_(layer.delta_weight())
     deploy["orig+adapter"] = _evaluate(into_orig, tok, held, "orig+adapter", accuracy=not args.fast)
     del into_orig
     qlora.merge_for_deployment(model, torch.bfloat16)
