@@ -40,6 +40,7 @@ def main(argv=None) -> int:
         metrics = json.loads((Path(tmp) / "metrics.json").read_text())
         adapter_bytes = (Path(tmp) / "adapter_model.safetensors").stat().st_size
     out = {
+        **metrics,
         "what": "lora-train on the course dataset: base SmolLM2-135M-Instruct vs LoRA (r=16, all linear)",
         "date": dt.date.today().isoformat(),
         "device": args.device if args.device != "cpu" else f"cpu ({os.cpu_count()} cores, {platform.machine()})",
@@ -47,7 +48,6 @@ def main(argv=None) -> int:
         "load_average_at_start": round(load_before, 2),
         "wall_seconds_total": round(time.perf_counter() - t0, 1),
         "adapter_file_bytes": adapter_bytes,
-        **metrics,
     }
     RESULTS.mkdir(exist_ok=True)
     name = "cpu" if args.device == "cpu" else args.device
