@@ -80,7 +80,6 @@ def smollm2_folder() -> Path:
 
 
 def load_tokenizer():
-    from transformers import AutoTokenizer
     return _tokenizer(str(smollm2_folder()))
 
 
