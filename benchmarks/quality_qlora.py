@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 
 import torch
@@ -42,14 +43,49 @@ def _evaluate(model, tok, held, label, accuracy: bool = True) -> dict:
     return {"heldout_loss": loss, "fact_accuracy": acc}
 
 
-def _train(model, tok, train_ex, args, optimizer=None):
+def _train(model, tok, train_ex, args, seed: int = 0, optimizer=None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer(params) if optimizer else None
-    res = train(model, tok, train_ex, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=0,
+    res = train(model, tok, train_ex, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=seed,
                 progress=False, optimizer=opt)
     state_bytes = optim.optimizer_state_nbytes(opt) if opt is not None else 8 * sum(p.numel() for p in params)
-    return {"final_train_loss": res.final_loss, "seconds": res.seconds, "optimizer_state_bytes": state_bytes,
-            "trainable_params": sum(p.numel() for p in params)}
+    out = {"final_train_loss": res.final_loss, "seconds": res.seconds, "optimizer_state_bytes": state_bytes,
+           "trainable_params": sum(p.numel() for p in params), "seed": seed}
+    if res.peak_memory_bytes:
+        out["peak_memory_bytes"] = res.peak_memory_bytes
+    return out
+
+
+def _quantize(model, compute_dtype):
+    """NF4 + double quantisation of every linear layer but lm_head; returns the originals and the report."""
+    # kept on the CPU: a GPU copy would add the dense weights to the QLoRA run's peak memory
+    originals = {n: m.weight.detach().to("cpu", copy=True) for n, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and not n.endswith("lm_head")}
+    report = qlora.quantize_model(model, "nf4", double_quant=True, compute_dtype=compute_dtype)
+    return originals, report
+
+
+def _deployments(model, originals, load, tok, held, args, on_gpu: bool) -> tuple[dict, dict]:
+    """The four ways to deploy a trained QLoRA adapter, evaluated; and their weight-space errors."""
+    deploy = {}
+    errors = qlora.summarize_merge_errors(qlora.requantization_error(model, torch.bfloat16, original=originals))
+    requant = copy.deepcopy(model)
+    for layer in lora.lora_layers(requant).values():
+        layer.merge()                                   # QLoRALinear.merge: re-quantises to NF4
+    deploy["requant"] = _evaluate(requant, tok, held, "requant", accuracy=not args.fast)
+    del requant
+    into_orig = load()
+    with torch.no_grad():
+        for layer_name, layer in lora.lora_layers(model).items():
+            w = into_orig.get_submodule(layer_name).weight
+            w.add_(layer.delta_weight().to(w.dtype))
+    deploy["orig+adapter"] = _evaluate(into_orig, tok, held, "orig+adapter", accuracy=not args.fast)
+    del into_orig
+    qlora.merge_for_deployment(model, torch.bfloat16)
+    if not on_gpu:
+        model.float()                                     # evaluate the bf16-rounded weights in fp32 on CPU
+    deploy["merged16"] = _evaluate(model, tok, held, "merged16", accuracy=not args.fast)
+    return deploy, errors
 
 
 def main(argv=None):
@@ -59,6 +95,11 @@ def main(argv=None):
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="repeat the lora and qlora runs with each seed (adapter init and data order) and "
+                         "report the mean gap: one run of 82 questions has a standard error of ~5 points")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda: bf16 base for LoRA, bf16 compute "
+                                                    "for QLoRA, as in the QLoRA paper)")
     ap.add_argument("--small", action="store_true", help="tiny random model, tiny tokenizer, 5 steps (CI)")
     ap.add_argument("--no-8bit", action="store_true", help="skip the 8-bit optimizer run")
     ap.add_argument("--fast", action="store_true",
@@ -67,8 +108,17 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared, loaded CPU more threads only contend)")
     ap.add_argument("--examples", type=int, default=None, help="use only the first N held-out examples")
+    ap.add_argument("--combine", nargs="+", metavar="JSON",
+                    help="no training: merge the per-seed runs of several result files (runs made in parallel, "
+                         "the first file's headline runs and deployments kept) and write the combined result")
     args = ap.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.out)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    # 16-bit LoRA on a GPU: bf16 frozen weights (adapters stay fp32, bf16 autocast); the CPU stand-in is fp32
+    base_dtype = torch.bfloat16 if on_gpu else torch.float32
     from lora_ref.data import load_dataset
     splits = load_dataset()
     train_ex, held = list(splits.train), list(splits.heldout)[: args.examples]
@@ -76,17 +126,19 @@ def main(argv=None):
         from lora_ref.data import tiny_tokenizer
         from lora_ref.models import tiny_llama
         tok = tiny_tokenizer()
-        load = lambda: tiny_llama(seed=0, vocab_size=tok.vocab_size if hasattr(tok, "vocab_size") else 256)  # noqa
+        vocab = tok.vocab_size if hasattr(tok, "vocab_size") else 256
+        load = lambda: tiny_llama(seed=0, vocab_size=vocab).to(device=device, dtype=base_dtype)  # noqa: E731
         args.steps, held = min(args.steps, 5), held[:8]
     else:
         from lora_ref.models import load_smollm2
         _, tok = load_smollm2()
-        load = lambda: load_smollm2()[0]          # noqa: E731
-    info = device_info(torch.device("cpu"))
+        load = lambda: load_smollm2(dtype=base_dtype, device=device)[0]          # noqa: E731
+    info = device_info(device)
     result = {"info": info, "settings": {k: v for k, v in vars(args).items() if k != "out"},
-              "heldout_examples": len(held), "train_examples": len(train_ex)}
-    runs, deploy = {}, {}
-    result["runs"], result["deploy"] = runs, deploy
+              "heldout_examples": len(held), "train_examples": len(train_ex),
+              "base_dtype": str(base_dtype).replace("torch.", "")}
+    runs, deploy, per_seed = {}, {}, {"lora": [], "qlora": []}
+    result["runs"], result["deploy"], result["per_seed"] = runs, deploy, per_seed
     name = "quality_qlora" + ("_small" if args.small else "")
     partial = lambda: write_results(name + "_partial", result, args.out or RESULTS)   # noqa: E731  (if cut short)
 
@@ -95,61 +147,80 @@ def main(argv=None):
     result["base"] = _evaluate(base, tok, held, "base", accuracy=not args.fast)
     del base
 
-    print("LoRA on the dense base")
-    model = load()
-    torch.manual_seed(0)
-    lora.inject_lora(model, _config(args))
-    runs["lora"] = {**_train(model, tok, train_ex, args), **_evaluate(model, tok, held, "lora")}
-    del model
-    partial()
+    for i, seed in enumerate(args.seeds):
+        print(f"seed {seed}: LoRA on the dense {result['base_dtype']} base")
+        model = load()
+        torch.manual_seed(seed)
+        lora.inject_lora(model, _config(args))
+        per_seed["lora"].append({**_train(model, tok, train_ex, args, seed), **_evaluate(model, tok, held, "lora")})
+        del model
 
-    print("QLoRA: NF4 + double quant base")
-    model = load()
-    originals = {n: m.weight.detach().clone() for n, m in model.named_modules()
-                 if isinstance(m, nn.Linear) and not n.endswith("lm_head")}
-    report = qlora.quantize_model(model, "nf4", double_quant=True, compute_dtype=torch.float32)
-    result["quant_report"] = str(report)
-    torch.manual_seed(0)
-    qlora.inject_qlora(model, _config(args))
-    runs["qlora"] = {**_train(model, tok, train_ex, args), **_evaluate(model, tok, held, "qlora")}
-    partial()
-
-    print("deploying the QLoRA adapter")
-    deploy["adapter"] = runs["qlora"]
-    errors = qlora.requantization_error(model, torch.bfloat16, original=originals)
-    result["merge_weight_error"] = qlora.summarize_merge_errors(errors)
-    requant = copy.deepcopy(model)
-    for layer in lora.lora_layers(requant).values():
-        layer.merge()                                   # QLoRALinear.merge: re-quantises to NF4
-    deploy["requant"] = _evaluate(requant, tok, held, "requant", accuracy=not args.fast)
-    del requant
-    into_orig = load()
-    with torch.no_grad():
-        for layer_name, layer in lora.lora_layers(model).items():
-            into_orig.get_submodule(layer_name).weight.add_(layer.delta_weight())
-    deploy["orig+adapter"] = _evaluate(into_orig, tok, held, "orig+adapter", accuracy=not args.fast)
-    del into_orig
-    qlora.merge_for_deployment(model, torch.bfloat16)
-    model.float()                                         # evaluate the bf16-rounded weights in fp32 on CPU
-    deploy["merged16"] = _evaluate(model, tok, held, "merged16", accuracy=not args.fast)
-    del model
+        print(f"seed {seed}: QLoRA on the NF4 + double quant base")
+        model = load()
+        originals, report = _quantize(model, torch.bfloat16 if on_gpu else torch.float32)
+        result["quant_report"] = str(report)
+        torch.manual_seed(seed)
+        qlora.inject_qlora(model, _config(args))
+        per_seed["qlora"].append({**_train(model, tok, train_ex, args, seed), **_evaluate(model, tok, held, "qlora")})
+        partial()
+        if i == 0:                                       # the first seed's runs are the headline rows
+            runs["lora"], runs["qlora"] = per_seed["lora"][0], per_seed["qlora"][0]
+            print("deploying the QLoRA adapter")
+            deploy["adapter"] = runs["qlora"]
+            more, result["merge_weight_error"] = _deployments(model, originals, load, tok, held, args, on_gpu)
+            deploy.update(more)
+        del model, originals
 
     if not args.no_8bit:
         print("QLoRA with 8-bit AdamW state")
         model = load()
-        qlora.quantize_model(model, "nf4", double_quant=True, compute_dtype=torch.float32)
-        torch.manual_seed(0)
+        _quantize(model, torch.bfloat16 if on_gpu else torch.float32)
+        torch.manual_seed(args.seeds[0])
         qlora.inject_qlora(model, _config(args))
-        runs["qlora-8bit"] = {**_train(model, tok, train_ex, args,
+        runs["qlora-8bit"] = {**_train(model, tok, train_ex, args, args.seeds[0],
                                        optimizer=lambda ps: optim.AdamW8bit(ps, lr=args.lr, weight_decay=0.0)),
                               **_evaluate(model, tok, held, "qlora-8bit", accuracy=not args.fast)}
         del model
 
-    gap = 100 * (runs["lora"]["fact_accuracy"] - runs["qlora"]["fact_accuracy"])
-    result["qlora_gap_points"] = gap
-    result["within_2_points"] = abs(gap) <= 2.0 or runs["qlora"]["fact_accuracy"] >= runs["lora"]["fact_accuracy"]
+    _summarize(result)
     path = write_results(name, result, args.out or RESULTS)
     path.with_name(path.name.replace(".json", "").replace(name, name + "_partial") + ".json").unlink(missing_ok=True)
+    path.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+def _summarize(result: dict) -> None:
+    """The bar: the mean over seeds of LoRA - QLoRA fact accuracy, in points, at most 2."""
+    per_seed = result["per_seed"]
+    gaps = [100 * (a["fact_accuracy"] - b["fact_accuracy"]) for a, b in zip(per_seed["lora"], per_seed["qlora"])]
+    result["gaps_points"] = gaps
+    result["qlora_gap_points"] = gap = statistics.mean(gaps)     # LoRA - QLoRA, mean over seeds
+    result["gap_standard_error"] = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else None
+    result["within_2_points"] = gap <= 2.0           # QLoRA at most 2 points below LoRA (above is fine)
+
+
+def combine(files, out=None) -> dict:
+    """Merge result files of the same settings but different seeds into one result (JSON + markdown)."""
+    import json
+    from pathlib import Path
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    result = parts[0]
+    keys = ("steps", "r", "alpha", "lr", "batch_size", "device")
+    for p in parts[1:]:
+        differ = [k for k in keys if p["settings"].get(k) != result["settings"].get(k)]
+        if differ:
+            raise SystemExit(f"cannot combine: settings {differ} differ between {files[0]} and another file")
+        seen = {r["seed"] for r in result["per_seed"]["lora"]}
+        for k in ("lora", "qlora"):
+            result["per_seed"][k] += [r for r in p["per_seed"][k] if r["seed"] not in seen]
+        for k, v in p["runs"].items():
+            result["runs"].setdefault(k, v)                 # e.g. the 8-bit run, made in another process
+    result["settings"]["seeds"] = [r["seed"] for r in result["per_seed"]["lora"]]
+    result["combined_from"] = [Path(f).name for f in files]
+    _summarize(result)
+    name = "quality_qlora" + ("_small" if result["settings"].get("small") else "")
+    path = write_results(name, result, out or RESULTS)
     path.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
     return result
@@ -167,17 +238,29 @@ def markdown(r: dict) -> str:
     lines = ["# QLoRA vs LoRA on SmolLM2-135M-Instruct: held-out fact accuracy", "",
              f"Measured {r['info']['date']} on {r['info']['gpu']}, torch {r['info']['torch']}. "
              f"Script: benchmarks/quality_qlora.py. {r['train_examples']} training examples, {n} held-out; "
-             f"r={s['r']}, alpha={s['alpha']:g}, all 7 projections, {s['steps']} steps, batch {s['batch_size']}, "
-             f"lr {s['lr']:g}, seed 0, same adapter init and data order in every run.", "",
+             f"base {r.get('base_dtype', 'float32')}, r={s['r']}, alpha={s['alpha']:g}, all 7 projections, {s['steps']} steps, batch {s['batch_size']}, "
+             f"lr {s['lr']:g}, seed {', '.join(str(x) for x in s.get('seeds', [0]))}; within a seed, the same adapter init "
+             "and data order in every run.", "",
              f"Base model without adapter: fact accuracy {_pct(r['base']['fact_accuracy'])}, "
              f"held-out loss {r['base']['heldout_loss']:.4f}.", "",
-             "| run | fact accuracy | held-out loss | final train loss | optimizer state | train time |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| run | fact accuracy | held-out loss | final train loss | optimizer state | peak memory | train time |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for k, v in r["runs"].items():
+        peak = f"{v['peak_memory_bytes'] / 2**30:.2f} GiB" if v.get("peak_memory_bytes") else "-"
         lines.append(f"| {k} | {_pct(v['fact_accuracy'], n)} | "
                      f"{v['heldout_loss']:.4f} | {v['final_train_loss']:.4f} | "
-                     f"{v['optimizer_state_bytes'] / 2**20:.1f} MiB | {v['seconds']:.0f} s |")
-    lines += ["", f"QLoRA - LoRA: {-r['qlora_gap_points']:+.1f} points "
+                     f"{v['optimizer_state_bytes'] / 2**20:.1f} MiB | {peak} | {v['seconds']:.0f} s |")
+    ps = r.get("per_seed", {})
+    if len(ps.get("lora", [])) > 1:
+        lines += ["", "Every seed (adapter init and data order), fact accuracy:", "",
+                  "| seed | lora | qlora | qlora - lora |", "| --- | --- | --- | --- |"]
+        for a, b in zip(ps["lora"], ps["qlora"]):
+            lines.append(f"| {a['seed']} | {_pct(a['fact_accuracy'], n)} | {_pct(b['fact_accuracy'], n)} | "
+                         f"{100 * (b['fact_accuracy'] - a['fact_accuracy']):+.1f} |")
+        m = lambda k: sum(x["fact_accuracy"] for x in ps[k]) / len(ps[k])     # noqa: E731
+        lines.append(f"| mean | {_pct(m('lora'))} | {_pct(m('qlora'))} | {0.0 - r['qlora_gap_points']:+.1f} "
+                     f"(standard error {r['gap_standard_error']:.1f}) |")
+    lines += ["", f"QLoRA - LoRA: {0.0 - r['qlora_gap_points']:+.1f} points "
               f"({'within' if r['within_2_points'] else 'NOT within'} the 2-point bar). {r.get('quant_report', '')}",
               "", "Deploying the trained QLoRA adapter:", "",
               "| deployment | fact accuracy | held-out loss |", "| --- | --- | --- |"]

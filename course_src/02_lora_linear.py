@@ -30,12 +30,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lora_ref.models import configure_cpu_threads
+
 GRADING = "NBGRADER_EXECUTION" in os.environ     # set by nbgrader: demo training shrinks while grading
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# on a busy shared machine one thread per process wastes less time waiting for the others
-_busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1)
-if _busy:
-    torch.set_num_threads(1)
+configure_cpu_threads()        # OMP_NUM_THREADS if set, 1 thread on a busy machine, else up to 4
 print(f"torch {torch.__version__} on {DEVICE}, {torch.get_num_threads()} thread(s); grading mode: {GRADING}")
 
 # %% [markdown]

@@ -39,13 +39,13 @@ from tqdm.auto import tqdm
 from lora_ref import data, training
 from lora_ref.adapters import load_adapter, save_adapter
 from lora_ref.lora import LoRAConfig, count_parameters, inject_lora, lora_layers
-from lora_ref.models import load_smollm2, pick_device
+from lora_ref.models import configure_cpu_threads, load_smollm2, pick_device
 
 GRADING = "NBGRADER_EXECUTION" in os.environ     # set by nbgrader: demo training shrinks while grading
 DEVICE = pick_device()
 ON_GPU = DEVICE.type == "cuda"
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-print(f"torch {torch.__version__} on {DEVICE}; grading mode: {GRADING}")
+configure_cpu_threads()        # OMP_NUM_THREADS if set, 1 thread on a busy machine, else up to 4
+print(f"torch {torch.__version__} on {DEVICE}, {torch.get_num_threads()} thread(s); grading mode: {GRADING}")
 
 # %% [markdown]
 # ## 1. The data: facts the base model cannot know

@@ -91,7 +91,7 @@ def rank_for_energy(W: torch.Tensor, fraction: float) -> int:
         raise ValueError(f"fraction={fraction!r} must be in (0, 1]")
     E = energy_spectrum(W)
     # a small tolerance so that fraction=1.0 is reached despite rounding in the cumulative sum
-    return int(torch.searchsorted(E, torch.tensor(fraction - 1e-12, dtype=E.dtype)).item()) + 1
+    return int(torch.searchsorted(E, torch.tensor(fraction - 1e-12, dtype=E.dtype, device=E.device)).item()) + 1
 
 
 def factorised_size(m: int, n: int, r: int) -> int:

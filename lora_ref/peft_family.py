@@ -20,13 +20,15 @@ n: virtual tokens.) LoRA, by contrast, changes the weights themselves and can be
 methods always cost n extra positions of attention at inference.
 
 Prefix tuning hands the learned keys/values to transformers as an already-filled ``DynamicCache``
-(``cache=`` in transformers 5.x), exactly where a KV cache of n earlier tokens would sit; the real tokens
+(``cache=`` since transformers 5.2x, ``past_key_values=`` before: :func:`_cache_kwarg`), exactly where a KV cache of n earlier tokens would sit; the real tokens
 keep positions 0..t-1 (explicit ``position_ids``), so a prefix the attention ignores gives back the base model.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn as nn
@@ -247,6 +249,19 @@ def prefix_to_key_values(prefix: torch.Tensor, batch: int, num_layers: int, num_
     return [(kv[l, 0], kv[l, 1]) for l in range(num_layers)]
 
 
+@lru_cache(maxsize=None)
+def _cache_kwarg(forward_cls: type) -> str:
+    """The keyword a transformers causal LM takes its KV cache by: ``cache`` in recent 5.x releases,
+    ``past_key_values`` before. Passing the wrong one is silently swallowed by ``**kwargs`` and the prefix
+    would be ignored (no gradient reaches it), so we ask the signature and fail loudly if neither is there."""
+    params = inspect.signature(forward_cls.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise TypeError(f"{forward_cls.__name__}.forward takes neither `cache` nor `past_key_values`: "
+                    "prefix tuning needs a transformers causal LM that accepts a KV cache")
+
+
 class PrefixTuning(_FrozenLMWrapper):
     r"""Prefix tuning (Li & Liang 2021): n learned key/value vectors prepended in every attention layer.
 
@@ -299,8 +314,9 @@ class PrefixTuning(_FrozenLMWrapper):
         if prefix_mask is None:
             prefix_mask = attention_mask.new_ones(b, self.num_virtual_tokens)
         mask = torch.cat([prefix_mask, attention_mask], dim=1)                     # (b, n + t)
-        logits = self.base_model(input_ids=input_ids, attention_mask=mask, cache=self.cache(b),
-                                 position_ids=_positions(attention_mask), use_cache=True).logits
+        kv = {_cache_kwarg(type(self.base_model)): self.cache(b)}
+        logits = self.base_model(input_ids=input_ids, attention_mask=mask, position_ids=_positions(attention_mask),
+                                 use_cache=True, **kv).logits
         return SoftPromptOutput(logits, None if labels is None else causal_lm_loss(logits, labels))
 
 

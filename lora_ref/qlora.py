@@ -453,7 +453,7 @@ def requantization_error(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
             requant = quant.dequantize_4bit(packed, state, torch.float32)
             into_orig = float("nan")
             if original is not None and name in original:
-                into_orig = float((original[name].float() + delta - w_eff).norm()) / denom
+                into_orig = float((original[name].to(delta.device).float() + delta - w_eff).norm()) / denom
             out[name] = MergeError(dn, float((w_eff.to(dtype).float() - w_eff).norm()) / denom,
                                    float((requant - w_eff).norm()) / denom, into_orig)
     return out
