@@ -21,7 +21,9 @@ module does instead:
    moments: 2 (fp16/bf16 weights) + 2 (grads) + 4 (master) + 4 (m) + 4 (v) = 16 bytes per parameter
    (ZeRO, arXiv 1910.02054, Section 3.1), i.e. 8 x the fp16 weights, not 4 x. Pure-bf16 training with a
    bf16 AdamW (what ``torch.optim.AdamW`` does on bf16 parameters) is 8 bytes; both are options here
-   (``master_weights``).
+   (``master_weights``). With ``master_weights=True`` :func:`training_memory` counts 18, not 16: it keeps
+   the gradients in fp32, on the master copy (as when the optimizer owns fp32 parameters and the bf16
+   weights are a cast of them), where ZeRO's 16 assumes 16-bit gradients.
 3. *No activations.* At the article's batch 32 x 2048 tokens, Llama-2-7B keeps 17 GB of layer inputs
    even with gradient checkpointing, and about 374 GB of activations without it (11.7 GB per layer):
    they, not the adapter, decide whether LoRA fits. :func:`activation_bytes` counts them op by op.
