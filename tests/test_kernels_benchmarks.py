@@ -42,3 +42,37 @@ def test_qlora_step_small(tmp_path):
         r = res["results"][mode]
         assert "error" not in r, r.get("traceback")
         assert r["trainable"] > 0 and r["tokens_per_s"] > 0 and all(map(lambda x: x == x, r["losses"]))
+
+
+def test_quality_qlora_small_seeds_and_combine(tmp_path):
+    """Two seeds in one process, one more in another, merged with --combine: the gap is the mean over seeds."""
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for out, seeds in ((a, ["0", "1"]), (b, ["2"])):
+        out.mkdir()
+        _run("quality_qlora.py", out, "--no-8bit", "--seeds", *seeds)
+    proc = subprocess.run([sys.executable, str(BENCH / "quality_qlora.py"), "--combine",
+                           str(a / "quality_qlora_small_cpu.json"), str(b / "quality_qlora_small_cpu.json"),
+                           "--out", str(c)], capture_output=True, text=True, cwd=str(BENCH), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((c / "quality_qlora_small_cpu.json").read_text())
+    assert [r["seed"] for r in res["per_seed"]["lora"]] == [0, 1, 2] == res["settings"]["seeds"]
+    gaps = [100 * (x["fact_accuracy"] - y["fact_accuracy"])
+            for x, y in zip(res["per_seed"]["lora"], res["per_seed"]["qlora"])]
+    assert res["gaps_points"] == gaps and abs(res["qlora_gap_points"] - sum(gaps) / 3) < 1e-9
+    assert {"adapter", "requant", "orig+adapter", "merged16"} == set(res["deploy"])
+    md = (c / "quality_qlora_small_cpu.md").read_text()
+    assert "| mean |" in md and "seed 0, 1, 2" in md
+
+
+def test_quality_qlora_combine_refuses_different_settings(tmp_path):
+    src = tmp_path / "a"
+    src.mkdir()
+    _run("quality_qlora.py", src, "--no-8bit")
+    res = json.loads((src / "quality_qlora_small_cpu.json").read_text())
+    res["settings"]["lr"] = 123.0
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(res))
+    proc = subprocess.run([sys.executable, str(BENCH / "quality_qlora.py"), "--combine",
+                           str(src / "quality_qlora_small_cpu.json"), str(other), "--out", str(tmp_path / "c")],
+                          capture_output=True, text=True, cwd=str(BENCH), timeout=120)
+    assert proc.returncode != 0 and "lr" in (proc.stderr + proc.stdout)

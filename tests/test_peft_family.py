@@ -197,3 +197,22 @@ def test_compare_methods_is_controlled_and_reports_every_metric():
     assert 0 <= acc < 0.2, "a random model cannot predict the answers"
     with pytest.raises(ValueError, match="unknown methods"):
         compare_methods(lambda: tiny_llama(seed=0), tok, splits.train[:4], splits.heldout[:2], methods=("dora",))
+
+
+def test_cache_keyword_follows_the_transformers_signature():
+    """transformers renamed past_key_values= to cache=; a wrong keyword would be swallowed by **kwargs
+    and the prefix silently ignored (seen on transformers 5.17), so the keyword comes from the signature."""
+    from lora_ref.peft_family import _cache_kwarg
+
+    class Old:
+        def forward(self, input_ids, past_key_values=None, **kwargs): ...
+
+    class New:
+        def forward(self, input_ids, cache=None, **kwargs): ...
+
+    class Neither:
+        def forward(self, input_ids, **kwargs): ...
+
+    assert _cache_kwarg(Old) == "past_key_values" and _cache_kwarg(New) == "cache"
+    with pytest.raises(TypeError, match="neither"):
+        _cache_kwarg(Neither)
