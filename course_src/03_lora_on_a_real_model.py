@@ -18,7 +18,7 @@
 # each holds visible tests; at grading time hidden tests compare your function with `lora_ref`'s on random
 # inputs. The demo cells use `lora_ref` itself, so they run even before you solve anything.
 #
-# **Time.** About 3 minutes on a 2-core CPU (most of it fine-tuning a 135M model for a few dozen steps);
+# **Time.** About 3 minutes on a 2-core CPU (most of it fine-tuning a 135M model for ten steps);
 # much less on a GPU, which is used when present.
 # %% locked id=setup
 import copy
@@ -368,7 +368,7 @@ results = {"base": report(model_base, held_sub, label="base model")}
 # up the bytes of what training keeps beyond the frozen weights: gradients and AdamW's two moment tensors
 # for every trainable parameter (activations come on top and are about the same for both methods).
 # %%
-STEPS = 150 if ON_GPU else (3 if GRADING else 12)
+STEPS = 150 if ON_GPU else (3 if GRADING else 10)
 BATCH = 4 if GRADING else 8
 LORA = LoRAConfig(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
 
@@ -508,7 +508,7 @@ del merged
 # %% [markdown]
 # ## 11. The whole dataset, from the command line
 #
-# The live run above uses a few facts and a few dozen steps so that it fits the CPU budget. The same
+# The live run above uses a few facts and ten steps so that it fits the CPU budget. The same
 # recipe on all 41 facts (410 training examples, 82 held-out questions) is one command, which fine-tunes,
 # evaluates base and tuned models, and saves the adapter with its metrics:
 #
