@@ -519,16 +519,13 @@ del merged
 # (about a minute of training on a GPU; on a 2-core CPU the better part of an hour). Its committed runs, read
 # from `benchmarks/results/` (the GPU run used the same command with `--device cuda`):
 # %%
-import lora_ref
+from lora_ref.results import load_result
 
-results_dir = Path(lora_ref.__file__).resolve().parents[1] / "benchmarks" / "results"
 print(f"{'run':34s} {'steps':>5s} {'base acc':>8s} {'LoRA acc':>8s} {'base loss':>9s} {'LoRA loss':>9s} {'train s':>8s}")
 for fname in ("lora_cpu_demo_cpu.json", "lora_train_h200.json"):
-    path = results_dir / fname
-    if not path.exists():
-        print(f"{fname}: not found (run lora-train to make your own)")
+    m = load_result(fname)
+    if m is None:
         continue
-    m = json.loads(path.read_text())
     where = f"{m.get('gpu', 'CPU')} {m.get('date', '')[:10]}"
     print(f"{where[:34]:34s} {m['args']['steps']:5d} {m['base']['fact_accuracy']:8.1%} {m['lora']['fact_accuracy']:8.1%} "
           f"{m['base']['eval_loss']:9.3f} {m['lora']['eval_loss']:9.3f} {m['train_seconds']:8.0f}")

@@ -842,9 +842,9 @@ import glob                                    # noqa: E402
 import json                                    # noqa: E402
 from pathlib import Path                       # noqa: E402
 
-import lora_ref                                # noqa: E402
+from lora_ref.results import results_dir       # noqa: E402
 
-results_dir = Path(lora_ref.__file__).resolve().parents[1] / "benchmarks" / "results"
+results_dir = results_dir()
 found = sorted(glob.glob(str(results_dir / "dequant_speed_*.json")))
 if not found:
     print(f"no dequant_speed results in {results_dir} yet (benchmarks/dequant_speed.py writes them on a GPU)")

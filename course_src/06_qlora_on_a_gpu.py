@@ -55,18 +55,9 @@ if hasattr(os, "getloadavg"):
     print("machine load (1, 5, 15 min):", tuple(round(v, 1) for v in os.getloadavg()),
           "(CPU timings below are noisy when it is high)")
 
+from lora_ref.results import results_dir
 
-def find_repo_root() -> Path:
-    """The course repository (for benchmarks/results), found from the working directory upwards."""
-    here = Path.cwd().resolve()
-    for p in (here, *here.parents):
-        if (p / "benchmarks").is_dir() and (p / "lora_ref").is_dir():
-            return p
-    import lora_ref
-    return Path(lora_ref.__file__).resolve().parents[1]
-
-
-REPO = find_repo_root()
+RESULTS = results_dir()                         # benchmarks/results: the committed GPU measurements
 
 # %% [markdown]
 # ## 1. Why a custom autograd Function? The backward pass of a frozen linear layer
@@ -526,7 +517,6 @@ else:
 # One finding to remember: the anchor's 25.9 GB for the recipe was measured *without* checkpointing; a
 # model from `from_pretrained` is in eval mode, and transformers only checkpoints layers in training mode.
 # %%
-RESULTS = REPO / "benchmarks" / "results"
 
 
 def load_results(pattern):

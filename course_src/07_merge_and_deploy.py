@@ -316,13 +316,10 @@ with torch.no_grad():
 # SmolLM2 (all 410 training questions, 150 steps, on an H200) and deployed it the four ways; held-out fact
 # accuracy of each (82 questions; committed in `benchmarks/results/quality_qlora_h200.json`):
 # %%
-import json
+from lora_ref.results import load_result
 
-import lora_ref
-
-quality_path = Path(lora_ref.__file__).resolve().parents[1] / "benchmarks" / "results" / "quality_qlora_h200.json"
-if quality_path.exists():
-    quality = json.loads(quality_path.read_text())
+quality = load_result("quality_qlora_h200.json")
+if quality is not None:
     labels = {"adapter": "keep the adapter on the NF4 base", "merged16": "dequantise, merge in fp32, export bf16",
               "orig+adapter": "merge into the original weights", "requant": "merge, re-quantise to NF4"}
     print(f"base model without adapter: {100 * quality['base']['fact_accuracy']:.1f}%")
@@ -332,8 +329,6 @@ if quality_path.exists():
     errors = quality["merge_weight_error"]
     print(f"weight error as a fraction of the update: bf16 merge {errors['merged_16bit']:.2f}, "
           f"into the original {errors['merged_into_original']:.2f}, re-quantised {errors['requantized']:.2f}")
-else:
-    print(f"{quality_path} not found")
 
 # %% [markdown]
 # The ranking of the tiny model holds on the real task: the dequantise-merge-export recipe keeps the
@@ -354,7 +349,7 @@ packed, state = quant.quantize_4bit(W, 64, "nf4", True)
 W_hat = quant.dequantize_4bit(packed, state, torch.float32)
 nf4_error = ((W - W_hat).norm() / W.norm()).item()
 # ||W - W_hat|| / ||delta W|| of the trained adapter (the committed run above; ~6 if the file is missing)
-ratio = quality["merge_weight_error"]["merged_into_original"] if quality_path.exists() else 6.0
+ratio = quality["merge_weight_error"]["merged_into_original"] if quality is not None else 6.0
 rho = nf4_error / ratio                                   # ||delta W|| / ||W||, as in the trained adapter
 g = torch.Generator().manual_seed(0)
 direction = torch.randn(W.shape[0], 16, generator=g) @ torch.randn(16, W.shape[1], generator=g)

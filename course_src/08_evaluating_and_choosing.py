@@ -289,14 +289,10 @@ fig.suptitle(f"Same data, same steps, same seed: {scale}"); plt.tight_layout(); 
 # On a CPU the cell above trains a tiny random model; on a GPU it runs on SmolLM2 with fact accuracy on all
 # 82 held-out questions. That GPU run is committed in `benchmarks/results/peft_methods_smollm2_h200.json`:
 # %%
-import json
-from pathlib import Path
+from lora_ref.results import load_result
 
-import lora_ref
-
-peft_path = Path(lora_ref.__file__).resolve().parents[1] / "benchmarks" / "results" / "peft_methods_smollm2_h200.json"
-if peft_path.exists():
-    gpu_run = json.loads(peft_path.read_text())
+gpu_run = load_result("peft_methods_smollm2_h200.json")
+if gpu_run is not None:
     print(f"{gpu_run['gpu']}, {gpu_run['date']}, {gpu_run['steps']} steps of batch {gpu_run['batch_size']} ({gpu_run['note']})")
     print(f"{'method':10s} {'trainable':>11s} {'eval loss':>9s} {'gap':>6s} {'facts':>6s} {'peak MB':>8s} {'adapter':>10s}")
     for m in gpu_run["methods"]:
@@ -308,8 +304,6 @@ if peft_path.exists():
         ax.annotate(m["method"], (m["trainable"], 100 * m["fact_accuracy"]), fontsize=7)
     ax.set_xscale("log"); ax.set_xlabel("trainable parameters"); ax.set_ylabel("held-out fact accuracy (%)")
     ax.set_title("SmolLM2-135M on the course data (H200)", fontsize=9); plt.tight_layout(); plt.show()
-else:
-    print(f"{peft_path} not found")
 
 # %% [markdown]
 # On a pretrained model the ordering is clear: the soft-prompt methods (prompt, P-tuning, prefix) end with
