@@ -24,7 +24,9 @@ A LoRA model has hundreds of small trainable tensors (SmolLM2-135M with r=16 on 
 tensors of 3,072 to 24,576 values). Updating them one by one costs a dozen tiny torch calls per tensor
 (and, on a GPU, a dozen kernel launches); quantising with ``torch.bucketize`` costs a binary search per
 value: ~575 ms per step on one CPU thread for those 420 tensors, where ``torch.optim.AdamW`` takes ~20 ms.
-Two changes, each a standard trick, bring it to ~60 ms (on an H200: ~230 ms -> 6-9 ms, ~1.5x torch's AdamW):
+Two changes, each a standard trick, bring it to ~60 ms against torch's ~22 ms in the same run
+(``benchmarks/optim_speed.py``, ``benchmarks/results/optim_speed_cpu.json``; on an H200, measured once while
+writing this and not committed: ~230 ms -> 6-9 ms, ~1.5x torch's AdamW):
 
 1. **Flat buckets.** The parameters of a param group are packed, in order, into *buckets* of about
    ``bucket_numel`` values (like DDP's gradient buckets); each bucket holds its optimizer state in a few

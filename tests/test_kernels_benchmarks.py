@@ -76,3 +76,17 @@ def test_quality_qlora_combine_refuses_different_settings(tmp_path):
                            str(src / "quality_qlora_small_cpu.json"), str(other), "--out", str(tmp_path / "c")],
                           capture_output=True, text=True, cwd=str(BENCH), timeout=120)
     assert proc.returncode != 0 and "lr" in (proc.stderr + proc.stdout)
+
+
+def test_optim_speed_small_counts_state_by_hand(tmp_path):
+    """State bytes against the formula: fp32 AdamW 8 B/value; 8-bit: 2 B/value + two fp32 absmax per 256-value
+    block, except tensors under 4,096 values (bitsandbytes' min_8bit_size), which keep 8 B/value."""
+    res, out = _run("optim_speed.py", tmp_path)
+    shapes = [s for o, i in [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+              for s in ((16, i), (o, 16))] * 2
+    sizes = [a * b for a, b in shapes]
+    eight = sum(2 * n + 8 * -(-n // 256) if n >= 4096 else 8 * n for n in sizes)
+    assert res["tensors"] == 28 and res["values"] == sum(sizes)
+    assert res["rows"]["torch.optim.AdamW"]["state_bytes"] == 8 * sum(sizes)
+    assert res["rows"]["lora_ref AdamW8bit"]["state_bytes"] == eight
+    assert res["eight_bit_over_torch"] > 0 and "AdamW8bit takes" in out
