@@ -134,6 +134,7 @@ class LoRAConfig:
     target_modules: Sequence[str] | str = field(default_factory=lambda: ("q_proj", "v_proj"))
     use_rslora: bool = False
     exclude_modules: Sequence[str] = ("lm_head",)   # "all-linear" never adapts the output head (as PEFT)
+    use_dora: bool = False                          # DoRA layers (lora_ref.dora.DoRALinear), as PEFT's use_dora
 
     def __post_init__(self):
         if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
@@ -189,8 +190,11 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         raise ValueError(f"no linear layer to adapt; linear layers: {linear_module_names(model)}")
     for p in model.parameters():
         p.requires_grad_(False)
+    layer_cls = LoRALinear
+    if config.use_dora:                             # the same layer plus a trained magnitude (DoRA)
+        from .dora import DoRALinear as layer_cls
     for name, module in targets:
-        _set_submodule(model, name, LoRALinear(module, config.r, config.alpha, config.dropout, config.use_rslora))
+        _set_submodule(model, name, layer_cls(module, config.r, config.alpha, config.dropout, config.use_rslora))
     return model
 
 
