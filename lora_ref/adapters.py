@@ -20,7 +20,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .lora import ALL_LINEAR, LoRAConfig, inject_lora, lora_layers
+from .lora import ALL_LINEAR, LoRAConfig, inject_lora, lora_layers, select_targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -48,23 +48,32 @@ def config_to_peft(config: LoRAConfig, base_model_class: str | None = None) -> d
         "inference_mode": True,
         "modules_to_save": None,
         "base_model_name_or_path": None,
+        **({"exclude_modules": sorted(config.exclude_modules)}
+           if tuple(config.exclude_modules) != LoRAConfig.exclude_modules else {}),
         **({"auto_mapping": {"base_model_class": base_model_class}} if base_model_class else {}),
     }
 
 
 def config_from_peft(d: dict) -> LoRAConfig:
+    if not isinstance(d, dict):
+        raise TypeError(f"an adapter config is a JSON object (a dict of LoraConfig fields), got a "
+                        f"{type(d).__name__}")
     if d.get("peft_type") != "LORA":
         raise ValueError(f"not a LoRA adapter: peft_type={d.get('peft_type')!r}")
     unsupported = {k: d[k] for k in ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform",
-                                     "modules_to_save", "fan_in_fan_out") if d.get(k)}
+                                     "modules_to_save", "fan_in_fan_out", "lora_bias") if d.get(k)}
     if unsupported:
         raise ValueError(f"adapter uses PEFT features lora_ref does not implement: {unsupported}")
     if d.get("bias", "none") != "none":
         raise ValueError(f"adapter trains biases (bias={d['bias']!r}); lora_ref supports bias='none'")
     targets = d["target_modules"]
-    return LoRAConfig(r=int(d["r"]), alpha=float(d["lora_alpha"]), dropout=float(d.get("lora_dropout", 0.0)),
+    # PEFT's exclude_modules: a list of names or one regex; "all-linear" never adapts lm_head either way
+    exclude = d.get("exclude_modules") or ()
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    return LoRAConfig(r=d["r"], alpha=d["lora_alpha"], dropout=d.get("lora_dropout", 0.0),
                       target_modules=targets if isinstance(targets, str) else tuple(targets),
-                      use_rslora=bool(d.get("use_rslora", False)))
+                      use_rslora=bool(d.get("use_rslora", False)),
+                      exclude_modules=tuple(dict.fromkeys(LoRAConfig.exclude_modules + exclude)))
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -99,7 +108,7 @@ def read_adapter(folder: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor
             raise FileNotFoundError(f"{p} is missing: an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
         config = config_from_peft(json.loads(cfg_path.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{cfg_path} is not a valid adapter config: {e}") from e
     try:
         tensors = load_file(w_path)
@@ -108,29 +117,52 @@ def read_adapter(folder: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor
     return config, tensors
 
 
+def _expected_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[int, ...]]:
+    """PEFT key -> shape of every adapter tensor the model needs: from its LoRA layers if it has them,
+    else from the layers ``inject_lora`` would wrap. Changes nothing."""
+    layers = lora_layers(model)
+    if layers:
+        dims = {p: (layer.r, layer.in_features, layer.out_features) for p, layer in layers.items()}
+    else:
+        dims = {p: (config.r, int(m.in_features), int(m.out_features)) for p, m in select_targets(model, config)}
+    return {k: shape for p, (r, i, o) in dims.items()
+            for k, shape in ((peft_key(p, "A"), (r, i)), (peft_key(p, "B"), (o, r)))}
+
+
 def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     """Inject LoRA layers as the adapter's config says, then load its weights (strictly).
 
+    All or nothing: the config, every key, every shape and every value are checked before the model is
+    changed, so a failed load leaves the model as it was (and the next, correct load works). New layers
+    take the model's train/eval mode (see ``inject_lora``), as PEFT's ``from_pretrained`` gives.
+
     Raises ValueError when the file's keys do not match the model's adapted layers (missing or
-    unexpected keys, PEFT's "missing adapter keys" problem) or when a tensor has the wrong shape.
+    unexpected keys, PEFT's "missing adapter keys" problem), when a tensor has the wrong shape, or when
+    a tensor holds NaN or Inf (a diverged run's adapter would silently poison every output).
     """
     config, tensors = read_adapter(folder)
-    if not lora_layers(model):
-        inject_lora(model, config)
-    layers = lora_layers(model)
-    expected = {peft_key(p, m) for p in layers for m in "AB"}
-    missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+    expected = _expected_shapes(model, config)
+    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
     if missing or unexpected:
         raise ValueError(f"adapter {folder} does not match this model: {len(missing)} missing keys "
                          f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
+    for key, shape in expected.items():
+        t = tensors[key]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{key} has shape {tuple(t.shape)}, the model expects {shape} (r={config.r})")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{key} has dtype {t.dtype}; adapter tensors are floating point")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{key} holds {int(torch.isnan(t).sum())} NaN and {int(torch.isinf(t).sum())} Inf "
+                             f"values: the adapter in {folder} is broken (a diverged training run?)")
+    scaling = config.alpha / (config.r ** 0.5 if config.use_rslora else config.r)
+    for path, layer in lora_layers(model).items():
+        if layer.scaling != scaling:
+            raise ValueError(f"layer {path} has scaling {layer.scaling}, the adapter's config implies {scaling}")
+    if not lora_layers(model):
+        inject_lora(model, config)
     with torch.no_grad():
-        for path, layer in layers.items():
-            for m, param in (("A", layer.lora_A), ("B", layer.lora_B)):
-                t = tensors[peft_key(path, m)]
-                if t.shape != param.shape:
-                    raise ValueError(f"{peft_key(path, m)} has shape {tuple(t.shape)}, the model expects "
-                                     f"{tuple(param.shape)} (r={config.r})")
-                param.copy_(t)
-            if layer.scaling != config.alpha / (config.r ** 0.5 if config.use_rslora else config.r):
-                raise ValueError(f"layer {path} has scaling {layer.scaling}, the adapter's config implies another")
+        for path, layer in lora_layers(model).items():
+            layer.lora_A.copy_(tensors[peft_key(path, "A")])
+            layer.lora_B.copy_(tensors[peft_key(path, "B")])
     return model

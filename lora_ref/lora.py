@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._checks import as_int, as_real, check_int, check_real
+
 ALL_LINEAR = "all-linear"
 
 
@@ -52,13 +54,13 @@ class LoRALinear(nn.Module):
             if not hasattr(base, attr):
                 raise TypeError(f"LoRALinear wraps a linear layer; {type(base).__name__} has no {attr!r}")
         in_f, out_f = int(base.in_features), int(base.out_features)
-        if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= min(in_f, out_f):
+        r_int = as_int(r)                               # int, numpy or 0-d tensor integers (sweeps pass np.int64)
+        if r_int is None or not 1 <= r_int <= min(in_f, out_f):
             raise ValueError(f"rank r={r!r} must be an integer in [1, min(in_features, out_features)] = "
                              f"[1, {min(in_f, out_f)}] for a {out_f}x{in_f} layer")
-        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"alpha={alpha!r} must be a positive number")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+        r = r_int
+        alpha = check_real("alpha", alpha, positive=True)
+        dropout = _check_dropout(dropout)
 
         self.base_layer = base
         for p in base.parameters():                     # frozen: only A and B learn
@@ -78,6 +80,11 @@ class LoRALinear(nn.Module):
         self.disabled = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"LoRALinear expects a torch.Tensor of shape (..., {self.in_features}), "
+                            f"got {type(x).__name__}")
+        if x.dim() == 0:
+            raise ValueError(f"input is a 0-d tensor (a scalar); expected shape (..., {self.in_features})")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input's last dimension is {x.shape[-1]}, expected in_features={self.in_features}")
         if not x.dtype.is_floating_point:
@@ -125,6 +132,14 @@ class LoRALinear(nn.Module):
                 f"{', merged' if self.merged else ''}")
 
 
+def _check_dropout(dropout) -> float:
+    """A probability in [0, 1) as a float: 0.1, np.float32(0.1) or a 0-d tensor, but not the string '0.1'."""
+    p = as_real(dropout)
+    if p is None or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout={dropout!r} must be a number in [0, 1)")
+    return p
+
+
 @dataclass
 class LoRAConfig:
     """Which layers get adapters and how big they are. Mirrors PEFT's LoraConfig fields."""
@@ -137,6 +152,12 @@ class LoRAConfig:
     use_dora: bool = False                          # DoRA layers (lora_ref.dora.DoRALinear), as PEFT's use_dora
 
     def __post_init__(self):
+        # plain Python numbers from here on (np.int64 from a sweep would break json.dumps of the config)
+        self.r = check_int("r", self.r, minimum=1)
+        self.alpha = check_real("alpha", self.alpha, positive=True)
+        self.dropout = _check_dropout(self.dropout)
+        self.exclude_modules = ((self.exclude_modules,) if isinstance(self.exclude_modules, str)
+                                else tuple(self.exclude_modules or ()))
         if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
             self.target_modules = (self.target_modules,)
         if not isinstance(self.target_modules, str):
@@ -152,7 +173,9 @@ def linear_module_names(model: nn.Module) -> list[str]:
 
 def _matches(name: str, config: LoRAConfig) -> bool:
     short = name.rsplit(".", 1)[-1]
-    if any(short == ex or name == ex for ex in config.exclude_modules):
+    # PEFT's exclude_modules rule: the last name component, the whole dotted name, a suffix, or a regex
+    if any(short == ex or name == ex or name.endswith("." + ex) or re.fullmatch(ex, name)
+           for ex in config.exclude_modules):
         return False
     if config.target_modules == ALL_LINEAR:
         return True
@@ -167,17 +190,24 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
-    """Wrap every targeted linear layer of ``model`` in a LoRALinear, in place; freeze everything else.
+def select_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Module]]:
+    """The (name, linear layer) pairs ``inject_lora`` would wrap, without changing ``model``.
 
-    Raises ValueError, listing the model's linear layer names, if a target matches nothing (PEFT's most
-    asked question: "Target modules ... not found in the base model").
+    Raises ValueError if the model already carries LoRA layers, if a target matches nothing (listing the
+    model's linear layer names: PEFT's most asked question, "Target modules ... not found in the base
+    model"), or if r is larger than a targeted layer allows.
     """
-    targets = [(n, m) for n, m in model.named_modules()
-               if not isinstance(m, LoRALinear) and _is_linear_like(m) and _matches(n, config)
-               and not n.endswith(".base_layer")]
+    existing = lora_layers(model)
+    if existing:
+        raise ValueError(f"LoRA is already injected into this model ({len(existing)} LoRALinear layers, e.g. "
+                         f"{next(iter(existing))}); lora_ref keeps one adapter per model: load a fresh model, "
+                         "or merge_and_unload first (several adapters: lora_ref.serving.AdapterServer)")
+    linears = [(n, m) for n, m in model.named_modules()
+               if not isinstance(m, LoRALinear) and _is_linear_like(m) and not n.endswith(".base_layer")]
+    targets = [(n, m) for n, m in linears if _matches(n, config)]
     if config.target_modules != ALL_LINEAR:
-        hit = {t for t in config.target_modules for n, _ in targets
+        # a target whose layers are all excluded is not an error (PEFT: exclude_modules wins)
+        hit = {t for t in config.target_modules for n, _ in linears
                if n.rsplit(".", 1)[-1] == t or n == t or n.endswith("." + t) or re.fullmatch(t, n)}
         missing = [t for t in config.target_modules if t not in hit]
         if missing:
@@ -188,13 +218,30 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
                              f"This model's linear layers are: {linear_module_names(model)}")
     if not targets:
         raise ValueError(f"no linear layer to adapt; linear layers: {linear_module_names(model)}")
+    too_small = [(n, m) for n, m in targets if config.r > min(int(m.in_features), int(m.out_features))]
+    if too_small:
+        n, m = too_small[0]
+        raise ValueError(f"rank r={config.r} is larger than {len(too_small)} targeted layer(s) allow, e.g. {n} "
+                         f"({m.out_features}x{m.in_features}: r <= {min(int(m.in_features), int(m.out_features))})")
+    return targets
+
+
+def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Wrap every targeted linear layer of ``model`` in a LoRALinear, in place; freeze everything else.
+
+    All or nothing: every check (:func:`select_targets`) runs before the model is changed. A new layer
+    takes the train/eval mode of the layer it wraps, as PEFT's do: injecting into a model in eval mode
+    gives deterministic outputs (LoRA dropout off) without another ``model.eval()``.
+    """
+    targets = select_targets(model, config)
     for p in model.parameters():
         p.requires_grad_(False)
     layer_cls = LoRALinear
     if config.use_dora:                             # the same layer plus a trained magnitude (DoRA)
         from .dora import DoRALinear as layer_cls
     for name, module in targets:
-        _set_submodule(model, name, layer_cls(module, config.r, config.alpha, config.dropout, config.use_rslora))
+        layer = layer_cls(module, config.r, config.alpha, config.dropout, config.use_rslora)
+        _set_submodule(model, name, layer.train(module.training))
     return model
 
 
