@@ -97,6 +97,41 @@ def model_losses(load, tokenizer, examples, small: bool) -> dict:
     return out
 
 
+def plot_codebooks(blocksize: int = 64, n_blocks: int = 4096, seed: int = 0):
+    """Plot NF4, FP4 and int4 levels over the distribution of normalised N(0, 1) weights (w / block absmax).
+
+    The histogram is what the levels must cover: Gaussian weights divided by their block's absmax
+    (``blocksize`` values per block). NF4 puts its levels at equal-probability points of that shape;
+    FP4 crowds them near 0; int4 spaces them evenly. Returns the matplotlib Figure (nothing is shown).
+    """
+    from matplotlib.figure import Figure       # no pyplot: no global state, works headless
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n_blocks, blocksize, generator=g)
+    normed = (w / w.abs().amax(dim=1, keepdim=True)).reshape(-1)
+    fig = Figure(figsize=(9, 5))
+    ax = fig.subplots()
+    ax.hist(normed.numpy(), bins=200, range=(-1, 1), density=True, color="0.8",
+            label=f"N(0,1) weights / block absmax (blocksize {blocksize})")
+    # the normal density these values follow, up to the block scale: N(0, 1/E[absmax])
+    sigma = float(1.0 / w.abs().amax(dim=1).mean())
+    xs = torch.linspace(-1, 1, 400)
+    ax.plot(xs, torch.exp(-0.5 * (xs / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi)), color="k", lw=1,
+            label=f"normal density, sigma = 1/E[absmax] = {sigma:.3f}")
+    top = ax.get_ylim()[1]
+    for i, (name, color) in enumerate((("nf4", "C0"), ("fp4", "C1"), ("int4", "C2"))):
+        levels = Q.get_code(name).unique()
+        y = top * (1.05 + 0.08 * i)
+        ax.vlines(levels.numpy(), 0, y, colors=color, alpha=0.35, lw=0.8)
+        ax.plot(levels.numpy(), [y] * len(levels), "o", color=color, label=f"{name} ({len(levels)} levels)")
+    ax.set_xlabel("normalised value (w / absmax of its block)")
+    ax.set_ylabel("density")
+    ax.set_title("4-bit codebooks against the weights they must represent")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
 def plot(result: dict, path) -> None:
     from matplotlib.figure import Figure
     fig = Figure(figsize=(8, 3.6))
@@ -236,7 +271,7 @@ def main(argv=None):
     path = write_results("quality_quant" + ("_small" if args.small else ""), result, out_dir)
     (path.with_suffix(".md")).write_text(markdown(result))
     plot(result, path.with_suffix(".png"))
-    fig = Q.plot_codebooks()
+    fig = plot_codebooks()
     fig.savefig(path.parent / "codebooks.png", dpi=110)
     print(f"wrote {path.with_suffix('.md')}, {path.with_suffix('.png')}, {path.parent / 'codebooks.png'}")
     return result

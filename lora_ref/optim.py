@@ -16,7 +16,7 @@ with r = 16 and model widths that are multiples of 16; counted by :func:`optimiz
 Small tensors (< ``min_8bit_size`` values, bitsandbytes' default 4096) keep fp32 state: their saving is
 negligible and their statistics are the least robust. This mirrors ``bitsandbytes.optim.AdamW8bit``
 (its CPU update, ``backends/cpu/ops.py``); our quantiser is exactly nearest-level (the codes are those of
-``lora_ref.quant.quantize_blockwise``, bit for bit), so results agree closely but not bit for bit.
+``lora_ref.quant.quantize_8bit``, bit for bit), so results agree closely but not bit for bit.
 
 How the step is made fast (the maths above is unchanged)
 --------------------------------------------------------
@@ -69,7 +69,7 @@ class NearestLevel:
     r"""q = index of the nearest level of a sorted 256-level ``code``, exactly ``torch.bucketize(s, mid)``.
 
     ``mid`` are the 255 midpoints between neighbouring levels (computed in fp32 exactly as
-    :func:`lora_ref.quant.quantize_blockwise` does), and ``q(s) = #{mid < s}``: a value on a midpoint
+    :func:`lora_ref.quant.quantize_8bit` does), and ``q(s) = #{mid < s}``: a value on a midpoint
     goes to the lower level. ``bucketize`` finds that count by a binary search, 8 dependent comparisons
     per value. Here it is one table look-up and one comparison.
 
@@ -140,10 +140,10 @@ def _as_float32(bits: torch.Tensor) -> torch.Tensor:
 
 def quantize_blocks(x: torch.Tensor, lookup: NearestLevel, divide_rows: torch.Tensor | None = None,
                     nonnegative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Blockwise 8-bit quantisation of rows of blocks: the codes of ``quant.quantize_blockwise``, bit for bit.
+    r"""Blockwise 8-bit quantisation of rows of blocks: the codes of ``quant.quantize_8bit``, bit for bit.
 
     Per block (row) b: absmax_b = max |x_b|, s_i = x_i * (1 / absmax_b), q_i = nearest level of s_i.
-    ``quant.quantize_blockwise`` *divides* by absmax in a tensor's last, partial block instead of
+    ``quant.quantize_8bit`` *divides* by absmax in a tensor's last, partial block instead of
     multiplying by the reciprocal (as bitsandbytes does; the two can differ by one ulp). When a flat buffer
     holds several tensors, each zero-padded to whole blocks, ``divide_rows`` lists the rows that were such
     partial blocks, so that every code equals the one quantising the tensor on its own would give.

@@ -252,6 +252,51 @@ class QLoRALinear(LoRALinear):
         self.merged = False
 
 
+class StandaloneQLoRALinear(nn.Module):
+    r"""A LoRA layer that owns its NF4 weight: the seed article's ``QLoRALinear`` interface, done right.
+
+    ``StandaloneQLoRALinear(in_features, out_features, rank=16, alpha=16.0, blocksize=64)``, then
+    ``quantize_weight(W)`` stores W (out, in) as NF4 codes (``weight_4bit``, (out*in/2,) uint8, first code
+    in the high nibble) and fp32 block scales (``absmax``); nothing dense is kept. Forward::
+
+        y = x dequant(W_nf4)^T + s (x A^T) B^T,     s = alpha / rank,   A (rank, in) kaiming, B (out, rank) 0
+
+    in the input's dtype. Notebook 05's exercise (the article's bugs fixed). In a model, use
+    :class:`QLoRALinear` over a :class:`Linear4bit` instead: it shares :class:`LoRALinear`'s constructor,
+    merge and file format.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 16, alpha: float = 16.0,
+                 blocksize: int = 64):
+        super().__init__()
+        self.in_features, self.out_features, self.rank, self.alpha = in_features, out_features, rank, alpha
+        self.blocksize = blocksize
+        self.scaling = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))                 # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))                # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.register_buffer("code", quant.nf4_code())
+        self.register_buffer("weight_4bit", None)
+        self.register_buffer("absmax", None)
+
+    @torch.no_grad()
+    def quantize_weight(self, weight: torch.Tensor) -> None:
+        packed, state = quant.quantize_4bit(weight, blocksize=self.blocksize, quant_type="nf4")
+        self.weight_4bit, self.absmax = packed.reshape(-1), state.absmax
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """dequant(W_nf4), (out, in), computed in fp32 and cast once to ``dtype``."""
+        if self.weight_4bit is None:
+            raise RuntimeError("no weight quantised yet: call quantize_weight(weight) first")
+        state = quant.QuantState(absmax=self.absmax, shape=(self.out_features, self.in_features),
+                                 dtype=dtype, blocksize=self.blocksize, quant_type="nf4", code=self.code)
+        return quant.dequantize_4bit(self.weight_4bit, state, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = F.linear(x, self.dequantize_weight(x.dtype))
+        return base + self.scaling * ((x @ self.lora_A.to(x.dtype).T) @ self.lora_B.to(x.dtype).T)
+
+
 def _as_qlora(model: nn.Module) -> None:
     """Give every LoRALinear whose base is a Linear4bit QLoRALinear's merge (same state, so a class swap)."""
     for layer in lora_layers(model).values():

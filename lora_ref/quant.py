@@ -287,8 +287,11 @@ def _blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     return torch.nn.functional.pad(flat, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
 
 
-def _scale_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Block absmax and the values scaled into [-1, 1], exactly as bitsandbytes' reference kernels do.
+
+    The one blockwise absmax scaling of the package: 4-bit codes (:func:`quantize_blockwise`), the 8-bit
+    map (:func:`quantize_8bit`) and, through them, double quantisation and the 8-bit optimizer state.
 
     s_i = clamp(A_i * (1 / absmax_b), -1, 1) for full blocks (a multiply by the reciprocal, as in the
     CUDA kernel) and s_i = A_i / absmax_b in a last, partial block (bitsandbytes' PyTorch path divides
@@ -313,7 +316,10 @@ def _scale_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, tor
 
 
 def nearest_code_index(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    r"""Index of the nearest level of a 16-level ``code`` for every value of ``x`` (already in [-1, 1]).
+    r"""Index of the nearest level of ``code`` (16 or 256 levels, any order) for every value of ``x``.
+
+    The one nearest-level search of the package (4-bit codes, the 8-bit map; ``lora_ref.optim_fast``'s
+    table-driven search is tested equal to it).
 
     The levels are sorted, the decision boundaries are the midpoints of neighbours, and ``bucketize``
     finds the bin: x exactly on a midpoint goes to the *lower* level (bitsandbytes' ``x > midpoint``
@@ -321,11 +327,13 @@ def nearest_code_index(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     stable, so for FP4/int4, whose tables hold +0 and -0, ties between equal levels resolve as in
     bitsandbytes' CPU quantiser (index 0 before 8).
 
-    Shapes: x (...,) float32, code (16,) -> (...,) int64 indices into ``code`` (not into the sorted code).
+    Shapes: x (...,) float32, code (k,) -> (...,) int64 indices into ``code`` (not into the sorted code).
     """
     order = torch.argsort(code, stable=True)
     levels = code[order]
-    midpoints = (levels[:-1] + levels[1:]) / 2                # (15,)
+    midpoints = (levels[:-1] + levels[1:]) / 2                # (k - 1,)
+    if midpoints.numel() > 15:                                # the 8-bit map: a binary search per value
+        return order[torch.bucketize(x, midpoints)]
     # bin = number of midpoints strictly below x (= torch.bucketize(x, midpoints)); 15 vectorised
     # comparisons over x are several times faster than bucketize's per-element binary search
     bins = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
@@ -337,6 +345,52 @@ def nearest_code_index(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 # 4-bit blockwise quantise / dequantise
 # ----------------------------------------------------------------------------------------------------
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 64
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Blockwise absmax quantisation to the codes of any codebook: the first half of :func:`quantize_4bit`.
+
+    Per block b of ``blocksize`` consecutive values (row-major; the last may be shorter)::
+
+        absmax_b = max |x_b|,   s_i = clamp(x_i * (1 / absmax_b), -1, 1),   q_i = nearest level of s_i
+
+    (:func:`scale_blocks`, :func:`nearest_code_index`). Notebook 05's ``quantize_blockwise``.
+    (bitsandbytes' ``quantize_blockwise`` is its 8-bit quantiser: here :func:`quantize_8bit`.)
+
+    Shapes: x any shape, float; code (16,) levels in [-1, 1], any order ->
+    codes (x.numel(),) uint8 indices into ``code``, absmax (ceil(numel / blocksize),) float32.
+    """
+    _check_float_input(x, "quantize_blockwise")
+    _check_blocksize(blocksize, allowed=None)
+    scaled, absmax = scale_blocks(x.detach().reshape(-1).float(), blocksize)       # (n,), (n_blocks,)
+    return nearest_code_index(scaled, code.to(scaled.device, torch.float32)).to(torch.uint8), absmax
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape,
+                         blocksize: int = 64, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    r"""Inverse of :func:`quantize_blockwise`: x_i = code[q_i] * absmax_b in fp32, reshaped, cast once.
+
+    The second half of :func:`dequantize_4bit` (after unpacking). Notebook 05's ``dequantize_blockwise``.
+    Shapes: codes (n,) integer, absmax (ceil(n / blocksize),), code (16,) -> ``shape`` in ``dtype``.
+    """
+    values = code.to(codes.device, torch.float32)[codes.reshape(-1).long()]         # (n,) in [-1, 1]
+    n = values.numel()
+    n_blocks = -(-n // blocksize)
+    if absmax.numel() != n_blocks:
+        raise ValueError(f"{absmax.numel()} block scales for {n} codes in blocks of {blocksize} "
+                         f"(need {n_blocks})")
+    out = (_blocks(values, blocksize) * absmax.to(codes.device).float().unsqueeze(1)).reshape(-1)[:n]
+    return out.reshape(shape).to(dtype)
+
+
+def pack_4bit(codes: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    """(n,) codes in [0, 15] -> (ceil(n/2),) uint8, two per byte, the *first* in the high nibble
+    (bitsandbytes' order); an odd count is padded with the code ``pad``. Inverse: :func:`unpack_4bit`."""
+    q = codes.reshape(-1).to(torch.uint8)
+    if q.numel() % 2:
+        q = torch.cat([q, q.new_full((1,), pad)])
+    return (q[0::2] << 4) | q[1::2]
+
 
 def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = False,
                   dq_blocksize: int = 256) -> tuple[torch.Tensor, QuantState]:
@@ -364,13 +418,9 @@ def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     _check_float_input(A, "quantize_4bit")
     _check_blocksize(blocksize)
     code = get_code(quant_type).to(A.device)
-    flat = A.detach().reshape(-1).float()
-    n = flat.numel()
-    scaled, absmax = _scale_blocks(flat, blocksize)                      # (n,), (n_blocks,)
-    if n % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))
-    q = nearest_code_index(scaled, code).to(torch.uint8)                # (n or n+1,)
-    packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)                     # (ceil(n/2), 1)
+    codes, absmax = quantize_blockwise(A, code, blocksize)              # (n,) uint8, (n_blocks,)
+    zero = int(nearest_code_index(torch.zeros(1, device=A.device), code))   # an odd count pads with 0's code
+    packed = pack_4bit(codes, pad=zero).unsqueeze(1)                     # (ceil(n/2), 1)
     state = QuantState(absmax=absmax, shape=tuple(A.shape), dtype=A.dtype, blocksize=blocksize,
                        quant_type=quant_type, code=code)
     if double_quant:
@@ -392,7 +442,7 @@ def block_absmax(state: QuantState) -> torch.Tensor:
     """The fp32 absmax per block: stored directly, or decoded from double quantisation (+ the offset)."""
     if not state.nested:
         return state.absmax.float()
-    return dequantize_blockwise(state.absmax, state.state2, torch.float32) + state.offset
+    return dequantize_8bit(state.absmax, state.state2, torch.float32) + state.offset
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -404,24 +454,24 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     Shapes: packed (ceil(n/2), 1) uint8 -> tensor of ``state.shape`` in ``dtype`` (default: state.dtype).
     """
     dtype = state.dtype if dtype is None else dtype
-    n = state.numel
-    codes = unpack_4bit(packed, n)                                       # (n,)
-    values = state.code.to(packed.device)[codes]                        # (n,) float32 in [-1, 1]
+    codes = unpack_4bit(packed, state.numel)                             # (n,)
     absmax = block_absmax(state).to(packed.device)                      # (n_blocks,)
     if absmax.numel() != state.n_blocks:
         raise ValueError(f"state has {absmax.numel()} block scales, shape {state.shape} with blocksize "
                          f"{state.blocksize} needs {state.n_blocks}")
-    out = (_blocks(values, state.blocksize) * absmax.unsqueeze(1)).reshape(-1)[:n]
-    return out.to(dtype).reshape(state.shape)
+    return dequantize_blockwise(codes, absmax, state.code, state.shape, state.blocksize, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
 # 8-bit blockwise (dynamic map): double quantisation and 8-bit optimizer state
 # ----------------------------------------------------------------------------------------------------
 
-def quantize_blockwise(A: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = 256
-                       ) -> tuple[torch.Tensor, QuantState]:
+def quantize_8bit(A: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = 256
+                  ) -> tuple[torch.Tensor, QuantState]:
     r"""8-bit blockwise quantisation to a sorted 256-level map (default: the signed dynamic map).
+
+    bitsandbytes calls this ``quantize_blockwise``; here that name is the 4-bit building block of
+    notebook 05 (:func:`quantize_blockwise`), and this is the 8-bit one.
 
     Per block: absmax_b = max |A_b|, s_i = A_i / absmax_b, q_i = index of the nearest level of ``code``,
     a value on a midpoint going to the lower level: bitsandbytes' reference PyTorch kernel
@@ -431,19 +481,19 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor | None = None, blocks
 
     Shapes: A (...) float -> codes of A's shape, uint8; state.absmax (n_blocks,) float32.
     """
-    _check_float_input(A, "quantize_blockwise")
+    _check_float_input(A, "quantize_8bit")
     _check_blocksize(blocksize, allowed=None)
     code = (create_dynamic_map() if code is None else code).to(A.device, torch.float32)
     if code.numel() != 256 or not bool((code[1:] >= code[:-1]).all()):
         raise ValueError(f"an 8-bit map has 256 ascending levels, got {code.numel()} values")
-    scaled, absmax = _scale_blocks(A.detach().reshape(-1).float(), blocksize)
-    q = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8).reshape(A.shape)
+    scaled, absmax = scale_blocks(A.detach().reshape(-1).float(), blocksize)
+    q = nearest_code_index(scaled, code).to(torch.uint8).reshape(A.shape)
     return q, QuantState(absmax=absmax, shape=tuple(A.shape), dtype=A.dtype, blocksize=blocksize,
                          quant_type="dynamic8", code=code)
 
 
-def dequantize_blockwise(q: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Inverse of :func:`quantize_blockwise`: code[q_i] * absmax_b in fp32, cast to dtype (default state's)."""
+def dequantize_8bit(q: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Inverse of :func:`quantize_8bit`: code[q_i] * absmax_b in fp32, cast to dtype (default state's)."""
     if q.dtype != torch.uint8:
         raise ValueError(f"8-bit codes must be uint8, got {q.dtype}")
     flat = state.code.to(q.device)[q.reshape(-1).long()]
@@ -457,7 +507,7 @@ def double_quantize(state: QuantState, blocksize: int = 256) -> QuantState:
 
     absmax values are all positive, so their mean c is subtracted first to use the signed map's range::
 
-        c = mean(absmax),   (q2, absmax2) = quantize_blockwise(absmax - c, dynamic map, blocksize)
+        c = mean(absmax),   (q2, absmax2) = quantize_8bit(absmax - c, dynamic map, blocksize)
 
     Storage per parameter drops from 32/bs to 8/bs + 32/(bs * 256) bits (:func:`bits_per_parameter`).
     Returns a new state with ``absmax`` = q2 (uint8), ``offset`` = c, ``state2`` = the 8-bit state.
@@ -466,12 +516,12 @@ def double_quantize(state: QuantState, blocksize: int = 256) -> QuantState:
         raise ValueError("state is already double-quantised")
     absmax = state.absmax.float()
     offset = absmax.mean() if absmax.numel() else torch.zeros((), device=absmax.device)
-    q2, state2 = quantize_blockwise(absmax - offset, blocksize=blocksize)
+    q2, state2 = quantize_8bit(absmax - offset, blocksize=blocksize)
     return replace(state, absmax=q2, offset=float(offset), state2=state2)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Accounting and pictures
+# Accounting
 # ----------------------------------------------------------------------------------------------------
 
 def bits_per_parameter(blocksize: int = 64, double_quant: bool = True, dq_blocksize: int = 256,
@@ -508,38 +558,3 @@ def quantization_error(w: torch.Tensor, quant_type: str = "nf4", blocksize: int 
             "mae": float(err.abs().mean()) if err.numel() else 0.0,
             "max_abs": float(err.abs().max()) if err.numel() else 0.0,
             "mse": float(err.pow(2).mean()) if err.numel() else 0.0}
-
-
-def plot_codebooks(blocksize: int = 64, n_blocks: int = 4096, seed: int = 0):
-    """Plot NF4, FP4 and int4 levels over the distribution of normalised N(0, 1) weights (w / block absmax).
-
-    The histogram is what the levels must cover: Gaussian weights divided by their block's absmax
-    (``blocksize`` values per block). NF4 puts its levels at equal-probability points of that shape;
-    FP4 crowds them near 0; int4 spaces them evenly. Returns the matplotlib Figure (nothing is shown).
-    """
-    from matplotlib.figure import Figure       # no pyplot: no global state, works headless
-
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n_blocks, blocksize, generator=g)
-    normed = (w / w.abs().amax(dim=1, keepdim=True)).reshape(-1)
-    fig = Figure(figsize=(9, 5))
-    ax = fig.subplots()
-    ax.hist(normed.numpy(), bins=200, range=(-1, 1), density=True, color="0.8",
-            label=f"N(0,1) weights / block absmax (blocksize {blocksize})")
-    # the normal density these values follow, up to the block scale: N(0, 1/E[absmax])
-    sigma = float(1.0 / w.abs().amax(dim=1).mean())
-    xs = torch.linspace(-1, 1, 400)
-    ax.plot(xs, torch.exp(-0.5 * (xs / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi)), color="k", lw=1,
-            label=f"normal density, sigma = 1/E[absmax] = {sigma:.3f}")
-    top = ax.get_ylim()[1]
-    for i, (name, color) in enumerate((("nf4", "C0"), ("fp4", "C1"), ("int4", "C2"))):
-        levels = get_code(name).unique()
-        y = top * (1.05 + 0.08 * i)
-        ax.vlines(levels.numpy(), 0, y, colors=color, alpha=0.35, lw=0.8)
-        ax.plot(levels.numpy(), [y] * len(levels), "o", color=color, label=f"{name} ({len(levels)} levels)")
-    ax.set_xlabel("normalised value (w / absmax of its block)")
-    ax.set_ylabel("density")
-    ax.set_title("4-bit codebooks against the weights they must represent")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout()
-    return fig

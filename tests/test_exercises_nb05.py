@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_ref import quant
+from lora_ref import qlora, quant
 from lora_ref.exercises import check, get
 from lora_ref.exercises import nb05
 
@@ -44,13 +44,13 @@ def test_reference_steps_equal_quantize_4bit(qtype, dtype):
     w = (torch.randn(77, 130, generator=g) * 0.3).to(dtype)           # odd count, ragged last block
     packed, state = quant.quantize_4bit(w, 64, qtype)
     code = quant.get_code(qtype)
-    codes, absmax = nb05.reference_quantize_blockwise(w, code, 64)
-    zero = int(nb05.reference_quantize_blockwise(torch.zeros(1), code, 64)[0][0])
-    assert torch.equal(nb05.reference_pack_4bit(codes, zero), packed.reshape(-1))
+    codes, absmax = quant.quantize_blockwise(w, code, 64)
+    zero = int(quant.quantize_blockwise(torch.zeros(1), code, 64)[0][0])
+    assert torch.equal(quant.pack_4bit(codes, zero), packed.reshape(-1))
     assert torch.equal(absmax, state.absmax)
-    deq = nb05.reference_dequantize_blockwise(codes, absmax, code, w.shape, 64, dtype)
+    deq = quant.dequantize_blockwise(codes, absmax, code, w.shape, 64, dtype)
     assert torch.equal(deq, quant.dequantize_4bit(packed, state))
-    assert torch.equal(nb05.reference_unpack_4bit(packed, w.numel()), codes.long())
+    assert torch.equal(quant.unpack_4bit(packed, w.numel()), codes.long())
 
 
 @pytest.mark.parametrize("qtype", ["nf4", "fp4"])
@@ -58,8 +58,8 @@ def test_reference_steps_equal_bitsandbytes(qtype):
     bnbF = pytest.importorskip("bitsandbytes.functional")
     w = torch.randn(96, 128) * 0.02
     packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type=qtype)
-    codes, absmax = nb05.reference_quantize_blockwise(w, quant.get_code(qtype), 64)
-    assert torch.equal(nb05.reference_pack_4bit(codes), packed.reshape(-1))
+    codes, absmax = quant.quantize_blockwise(w, quant.get_code(qtype), 64)
+    assert torch.equal(quant.pack_4bit(codes), packed.reshape(-1))
     assert torch.equal(absmax, state.absmax)
 
 
@@ -80,7 +80,7 @@ def test_hidden_cases_have_no_rounding_ties():
     for case in ex.cases():
         x = nb05._tensor(case)
         code = quant.get_code(case["quant_type"])
-        ref = nb05.reference_quantize_blockwise(x, code, case["blocksize"])[0].long()
+        ref = quant.quantize_blockwise(x, code, case["blocksize"])[0].long()
         assert torch.equal(ref, _codes_by(x, code, case["blocksize"], divide=True)), case
         packed, _ = quant.quantize_4bit(x, case["blocksize"], case["quant_type"])
         assert torch.equal(ref, quant.unpack_4bit(packed, x.numel())), case
@@ -88,7 +88,7 @@ def test_hidden_cases_have_no_rounding_ties():
 
 def test_reference_layer_matches_quant_and_learns_only_adapters():
     torch.manual_seed(0)
-    layer = nb05.ReferenceQLoRALinear(128, 64, rank=4, alpha=8)
+    layer = qlora.StandaloneQLoRALinear(128, 64, rank=4, alpha=8)
     w = torch.randn(64, 128) * 0.02
     layer.quantize_weight(w)
     packed, state = quant.quantize_4bit(w, 64, "nf4")
@@ -97,7 +97,7 @@ def test_reference_layer_matches_quant_and_learns_only_adapters():
     assert torch.allclose(layer(x), x @ quant.dequantize_4bit(packed, state).T, atol=1e-6)   # B = 0
     assert layer(x.bfloat16()).dtype == torch.bfloat16
     with pytest.raises(RuntimeError, match="quantize_weight"):
-        nb05.ReferenceQLoRALinear(8, 8, rank=2)(torch.randn(1, 8))
+        qlora.StandaloneQLoRALinear(8, 8, rank=2)(torch.randn(1, 8))
 
 
 @pytest.mark.parametrize("exercise", ["05.nf4_code", "05.quantize_blockwise", "05.dequantize_blockwise",

@@ -134,7 +134,7 @@ def test_nearest_level_equals_bucketize(which):
     code = MAPS[which]
     lookup = optim.NearestLevel(code)
     x = _hard_values(code)
-    expected = torch.bucketize(x, (code[:-1] + code[1:]) / 2)          # what quant.quantize_blockwise does
+    expected = torch.bucketize(x, (code[:-1] + code[1:]) / 2)          # what quant.quantize_8bit does
     assert torch.equal(lookup(x).long(), expected)
     assert lookup.bits <= 8 and lookup.zero_code == int(torch.argmin(code.abs()))
 
@@ -142,7 +142,7 @@ def test_nearest_level_equals_bucketize(which):
 def _on_scaled_midpoints(code, absmax, n):
     """n values whose blocks (of 256) have absmax ``absmax`` and whose scaled values x / absmax lie on a
     midpoint of ``code`` or one float away: there x / absmax and x * (1 / absmax) can differ by an ulp and
-    fall on two sides of the midpoint, so quantize_blockwise's division in a partial last block matters."""
+    fall on two sides of the midpoint, so quantize_8bit's division in a partial last block matters."""
     mids = (code[:-1] + code[1:]) / 2
     x, inf = mids * absmax, torch.tensor(float("inf"))
     cands = torch.cat([x, torch.nextafter(x, inf), torch.nextafter(x, -inf)])
@@ -169,9 +169,9 @@ def _odd_tensors(code, seed=0):
 
 
 @pytest.mark.parametrize("which", ["signed", "unsigned"])
-def test_flat_quantize_blocks_equals_quantize_blockwise_per_tensor(which):
+def test_flat_quantize_blocks_equals_quantize_8bit_per_tensor(which):
     """Tensors packed into one flat buffer, each zero-padded to whole blocks: the same codes and absmax as
-    quant.quantize_blockwise gives each tensor on its own, and the same dequantised values."""
+    quant.quantize_8bit gives each tensor on its own, and the same dequantised values."""
     bs, code = 256, MAPS[which]
     tensors = _odd_tensors(code)
     padded = [-(-t.numel() // bs) * bs for t in tensors]
@@ -183,16 +183,16 @@ def test_flat_quantize_blocks_equals_quantize_blockwise_per_tensor(which):
     deq = optim.dequantize_blocks(q, absmax, code).reshape(-1)
     start = 0
     for t, n in zip(tensors, padded):
-        q_ref, st = quant.quantize_blockwise(t, code, bs)
+        q_ref, st = quant.quantize_8bit(t, code, bs)
         assert torch.equal(q.reshape(-1)[start:start + t.numel()], q_ref)
         assert torch.equal(absmax[start // bs:(start + n) // bs], st.absmax)
-        assert torch.equal(deq[start:start + t.numel()], quant.dequantize_blockwise(q_ref, st, torch.float32))
+        assert torch.equal(deq[start:start + t.numel()], quant.dequantize_8bit(q_ref, st, torch.float32))
         start += n
 
 
 def _reference_adamw8bit(params, grads_per_step, groups, blocksize=256, min_8bit_size=4096):
     """The straightforward per-tensor AdamW8bit (what lora_ref.optim did before buckets): each parameter
-    on its own, moments quantised with quant.quantize_blockwise. ``groups[i]`` holds parameter i's
+    on its own, moments quantised with quant.quantize_8bit. ``groups[i]`` holds parameter i's
     hyperparameters; a ``None`` gradient skips the parameter in that step."""
     signed, unsigned = MAPS["signed"], MAPS["unsigned"]
     params = [p.detach().clone() for p in params]
@@ -206,15 +206,15 @@ def _reference_adamw8bit(params, grads_per_step, groups, blocksize=256, min_8bit
             if not st:
                 st["step"], zeros = 0, torch.zeros(p.shape)
                 if eight_bit:
-                    st["m"], st["v"] = (quant.quantize_blockwise(zeros, signed, blocksize),
-                                        quant.quantize_blockwise(zeros, unsigned, blocksize))
+                    st["m"], st["v"] = (quant.quantize_8bit(zeros, signed, blocksize),
+                                        quant.quantize_8bit(zeros, unsigned, blocksize))
                 else:
                     st["m"], st["v"] = zeros, zeros.clone()
             st["step"] += 1
             t = st["step"]
             if eight_bit:
-                m = quant.dequantize_blockwise(*st["m"], torch.float32)
-                v = quant.dequantize_blockwise(*st["v"], torch.float32)
+                m = quant.dequantize_8bit(*st["m"], torch.float32)
+                v = quant.dequantize_8bit(*st["v"], torch.float32)
             else:
                 m, v = st["m"], st["v"]
             g = grad.float()
@@ -226,8 +226,8 @@ def _reference_adamw8bit(params, grads_per_step, groups, blocksize=256, min_8bit
             p32.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
             p.copy_(p32)
             if eight_bit:
-                st["m"], st["v"] = quant.quantize_blockwise(m, signed, blocksize), \
-                    quant.quantize_blockwise(v, unsigned, blocksize)
+                st["m"], st["v"] = quant.quantize_8bit(m, signed, blocksize), \
+                    quant.quantize_8bit(v, unsigned, blocksize)
     return params, states
 
 

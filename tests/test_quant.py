@@ -2,6 +2,7 @@
 bitsandbytes on CPU, double quantisation, serialisable state, edge inputs."""
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,7 +143,7 @@ def test_nested_codes_equal_bitsandbytes_reference_kernel_and_never_worse_than_i
     g = torch.Generator().manual_seed(0)
     absmax_like = torch.randn(20_000, generator=g)
     code = Q.create_dynamic_map()
-    q, state = Q.quantize_blockwise(absmax_like, blocksize=256)
+    q, state = Q.quantize_8bit(absmax_like, blocksize=256)
     op = torch.ops.bitsandbytes.quantize_blockwise.default
     ref_keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
     q_ref, absmax_ref = op.redispatch(ref_keys, absmax_like, code, 256)       # bnb's PyTorch kernel
@@ -315,8 +316,34 @@ def test_bad_blocksize_and_type_raise():
         Q.dequantize_4bit(packed[:10], state)
 
 
-def test_plot_codebooks_returns_figure():
-    fig = Q.plot_codebooks(n_blocks=64)
+def test_plot_codebooks_returns_figure(monkeypatch):
+    # the picture lives with the benchmark that draws it (lora_ref.quant imports no plotting library)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from quality_quant import plot_codebooks
+    fig = plot_codebooks(n_blocks=64)
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert any("nf4 (16 levels)" in s for s in labels) and any("int4 (15 levels)" in s for s in labels)
+
+
+@pytest.mark.parametrize("qtype", Q.QUANT_TYPES)
+def test_quantize_4bit_is_quantize_blockwise_then_pack_4bit(qtype):
+    """The building blocks (notebook 05's interface) give quantize_4bit's bytes and dequantize_4bit's values."""
+    w = torch.randn(37, 51) * 0.1                                   # odd count, ragged last block
+    packed, state = Q.quantize_4bit(w, 64, qtype)
+    code = Q.get_code(qtype)
+    codes, absmax = Q.quantize_blockwise(w, code, 64)
+    assert codes.dtype == torch.uint8 and codes.shape == (w.numel(),)
+    zero = int(Q.quantize_blockwise(torch.zeros(1), code, 64)[0][0])
+    assert torch.equal(Q.pack_4bit(codes, pad=zero), packed.reshape(-1))
+    assert torch.equal(Q.unpack_4bit(Q.pack_4bit(codes), w.numel()), codes.long())
+    assert torch.equal(absmax, state.absmax)
+    assert torch.equal(Q.dequantize_blockwise(codes, absmax, code, w.shape, 64), Q.dequantize_4bit(packed, state))
+    with pytest.raises(ValueError, match="block scales"):
+        Q.dequantize_blockwise(codes, absmax[:-1], code, w.shape, 64)
+
+
+def test_nearest_code_index_256_levels_is_bucketize():
+    code = Q.create_dynamic_map(signed=True)
+    x = torch.cat([torch.rand(5000) * 2 - 1, (code[:-1] + code[1:]) / 2])      # midpoints go to the lower level
+    assert torch.equal(Q.nearest_code_index(x, code), torch.bucketize(x, (code[:-1] + code[1:]) / 2))

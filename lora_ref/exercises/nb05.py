@@ -3,19 +3,17 @@
 The learner builds NF4 in small steps whose names mirror ``lora_ref.quant``:
 
     nf4_code(offset)                                    -> quant.nf4_code
-    quantize_blockwise(x, code, blocksize)              -> (codes, absmax): the first half of quant.quantize_4bit
-    dequantize_blockwise(codes, absmax, code, shape, blocksize, dtype)   -> the second half of dequantize_4bit
-    pack_4bit(codes, pad) / unpack_4bit(packed, n)      -> quant's packing (first value in the high nibble)
+    quantize_blockwise(x, code, blocksize)              -> quant.quantize_blockwise (codes, absmax)
+    dequantize_blockwise(codes, absmax, code, shape, blocksize, dtype)   -> quant.dequantize_blockwise
+    pack_4bit(codes, pad) / unpack_4bit(packed, n)      -> quant.pack_4bit / quant.unpack_4bit
     bits_per_parameter(blocksize, double_quant, ...)    -> quant.bits_per_parameter
-    QLoRALinear(in, out, rank, alpha, blocksize)        -> the seed article's class with its bugs fixed
+    QLoRALinear(in, out, rank, alpha, blocksize)        -> qlora.StandaloneQLoRALinear (the article's, fixed)
 
-``lora_ref.quant`` keeps the code/absmax and packing steps inside ``quantize_4bit`` (which takes a quant type,
-not an arbitrary codebook), so the references for those steps are thin functions below, built from
-``quant``'s own building blocks (``nearest_code_index``, the same reciprocal scaling and nibble order);
-tests/test_exercises_nb05.py proves them equal to ``quant.quantize_4bit`` and to bitsandbytes.
-The article's class has no lora_ref twin with its interface (lora_ref's QLoRA layer wraps an nn.Linear,
-notebook 06), so :class:`ReferenceQLoRALinear` keeps the article's interface on top of
-``quant.quantize_4bit`` / ``quant.dequantize_4bit``.
+Each reference is the lora_ref function of the same name: ``quant.quantize_blockwise`` (4-bit codes with
+any codebook) and ``quant.pack_4bit`` are the building blocks of ``quant.quantize_4bit``,
+``quant.dequantize_blockwise`` and ``quant.unpack_4bit`` those of ``quant.dequantize_4bit``; the article's
+layer, fixed, is ``qlora.StandaloneQLoRALinear``. tests/test_exercises_nb05.py proves them equal to
+``quant.quantize_4bit`` and to bitsandbytes.
 """
 from __future__ import annotations
 
@@ -23,82 +21,12 @@ import math
 import random
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_ref import quant
+from lora_ref import qlora, quant
 from lora_ref.exercises import Case, Exercise, register
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# ---------------------------------------------------------------------------------------------------
-# references with the notebook's interfaces
-# ---------------------------------------------------------------------------------------------------
-
-def reference_quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 64):
-    """(codes (n,) uint8, absmax (ceil(n/bs),) float32): quant.quantize_4bit before packing."""
-    flat = x.detach().reshape(-1).float()
-    n = flat.numel()
-    n_blocks = -(-n // blocksize)
-    blocks = F.pad(flat, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
-    absmax = blocks.abs().amax(dim=1)
-    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1).reshape(-1)[:n]
-    return quant.nearest_code_index(scaled, code.float()).to(torch.uint8), absmax
-
-
-def reference_dequantize_blockwise(codes, absmax, code, shape, blocksize: int = 64, dtype=torch.float32):
-    """code[codes] * absmax of the block, in fp32, cast once: quant.dequantize_4bit after unpacking."""
-    values = code.float()[codes.reshape(-1).long()]
-    n = values.numel()
-    n_blocks = -(-n // blocksize)
-    blocks = F.pad(values, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
-    return (blocks * absmax.float().unsqueeze(1)).reshape(-1)[:n].reshape(shape).to(dtype)
-
-
-def reference_pack_4bit(codes: torch.Tensor, pad: int = 0) -> torch.Tensor:
-    """(n,) codes -> (ceil(n/2),) uint8, first code in the high nibble (bitsandbytes' order)."""
-    q = codes.reshape(-1).to(torch.uint8)
-    if q.numel() % 2:
-        q = torch.cat([q, q.new_full((1,), pad)])
-    return (q[0::2] << 4) | q[1::2]
-
-
-def reference_unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
-    return quant.unpack_4bit(packed.reshape(-1), n)
-
-
-class ReferenceQLoRALinear(nn.Module):
-    """The article's QLoRALinear interface, done right on top of lora_ref.quant (NF4, blockwise absmax)."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int = 16, alpha: float = 16.0,
-                 blocksize: int = 64):
-        super().__init__()
-        self.in_features, self.out_features, self.rank, self.alpha = in_features, out_features, rank, alpha
-        self.blocksize = blocksize
-        self.scaling = alpha / rank
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.register_buffer("code", quant.nf4_code())
-        self.register_buffer("weight_4bit", None)
-        self.register_buffer("absmax", None)
-
-    @torch.no_grad()
-    def quantize_weight(self, weight: torch.Tensor) -> None:
-        packed, state = quant.quantize_4bit(weight, blocksize=self.blocksize, quant_type="nf4")
-        self.weight_4bit, self.absmax = packed.reshape(-1), state.absmax
-
-    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if self.weight_4bit is None:
-            raise RuntimeError("no weight quantised yet: call quantize_weight(weight) first")
-        state = quant.QuantState(absmax=self.absmax, shape=(self.out_features, self.in_features),
-                                 dtype=dtype, blocksize=self.blocksize, quant_type="nf4", code=self.code)
-        return quant.dequantize_4bit(self.weight_4bit, state, dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = F.linear(x, self.dequantize_weight(x.dtype))
-        return base + self.scaling * ((x @ self.lora_A.to(x.dtype).T) @ self.lora_B.to(x.dtype).T)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -162,7 +90,7 @@ def _run_quantize(fn, case: Case) -> dict[str, torch.Tensor]:
 def _run_dequantize(fn, case: Case) -> dict[str, torch.Tensor]:
     x = _tensor(case)
     code = quant.get_code(case["quant_type"])
-    codes, absmax = reference_quantize_blockwise(x, code, case["blocksize"])
+    codes, absmax = quant.quantize_blockwise(x, code, case["blocksize"])
     out = fn(codes, absmax, code, tuple(x.shape), case["blocksize"], _DTYPES[case["dtype"]])
     return {"out": out}
 
@@ -183,7 +111,7 @@ def _run_pack(fn, case: Case) -> dict[str, torch.Tensor]:
 
 
 def _run_unpack(fn, case: Case) -> dict[str, torch.Tensor]:
-    packed = reference_pack_4bit(_codes(case), case["pad"])
+    packed = quant.pack_4bit(_codes(case), case["pad"])
     return {"codes": fn(packed, case["n"]).reshape(-1).to(torch.int64)}
 
 
@@ -243,16 +171,16 @@ def _run_layer(cls, case: Case) -> dict[str, torch.Tensor]:
 
 register(Exercise(id="05.nf4_code", symbol="nf4_code", reference=quant.nf4_code,
                   cases=_nf4_cases, run=_run_nf4, atol=2e-7, rtol=0.0))
-register(Exercise(id="05.quantize_blockwise", symbol="quantize_blockwise", reference=reference_quantize_blockwise,
+register(Exercise(id="05.quantize_blockwise", symbol="quantize_blockwise", reference=quant.quantize_blockwise,
                   cases=_quant_cases, run=_run_quantize, atol=0.0, rtol=0.0))
 register(Exercise(id="05.dequantize_blockwise", symbol="dequantize_blockwise",
-                  reference=reference_dequantize_blockwise, cases=_quant_cases, run=_run_dequantize,
+                  reference=quant.dequantize_blockwise, cases=_quant_cases, run=_run_dequantize,
                   atol=0.0, rtol=0.0))
-register(Exercise(id="05.pack_4bit", symbol="pack_4bit", reference=reference_pack_4bit,
+register(Exercise(id="05.pack_4bit", symbol="pack_4bit", reference=quant.pack_4bit,
                   cases=_pack_cases, run=_run_pack, atol=0.0, rtol=0.0))
-register(Exercise(id="05.unpack_4bit", symbol="unpack_4bit", reference=reference_unpack_4bit,
+register(Exercise(id="05.unpack_4bit", symbol="unpack_4bit", reference=quant.unpack_4bit,
                   cases=_pack_cases, run=_run_unpack, atol=0.0, rtol=0.0))
 register(Exercise(id="05.bits_per_parameter", symbol="bits_per_parameter", reference=quant.bits_per_parameter,
                   cases=_bits_cases, run=_run_bits, atol=1e-12, rtol=0.0))
-register(Exercise(id="05.qlora_linear", symbol="QLoRALinear", reference=ReferenceQLoRALinear,
+register(Exercise(id="05.qlora_linear", symbol="QLoRALinear", reference=qlora.StandaloneQLoRALinear,
                   cases=_layer_cases, run=_run_layer, atol=1e-5, rtol=1e-4))
