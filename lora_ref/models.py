@@ -124,6 +124,51 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: torch.device | str 
     return model, _tokenizer(str(folder))
 
 
+class SafetensorsWeights:
+    """A safetensors checkpoint (a file or a folder of ``*.safetensors`` shards) read one tensor at a time.
+
+    ``get(name)`` memory-maps the file and copies out that tensor only (``safetensors.safe_open``), so
+    a builder that asks layer by layer (``lora_ref.qlora.build_quantized``) never holds the whole model:
+    with a 70B checkpoint, one 16-bit layer (1.7 GB) instead of 138 GB. ``names()`` lists every tensor.
+    """
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu"):
+        from safetensors import safe_open
+
+        path = Path(path)
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        if not files or not all(f.exists() for f in files):
+            raise FileNotFoundError(f"no .safetensors file at {path}")
+        self._handles = [safe_open(str(f), framework="pt", device=device) for f in files]
+        self._where = {k: h for h in self._handles for k in h.keys()}
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise KeyError(f"{name!r} is not in the checkpoint")
+        return self._where[name].get_tensor(name)
+
+
+def load_smollm2_quantized(device: torch.device | str = "cpu", quantize=None, dtype: torch.dtype = torch.float32,
+                           progress: bool = False):
+    """SmolLM2-135M-Instruct built already quantised, streamed layer by layer from its safetensors copy
+    (``lora_ref.qlora.build_quantized``): the same code path that builds a 70B model on one 48 GB GPU.
+    Returns ``(model, tokenizer)``; equals ``load_smollm2(dtype)`` followed by ``qlora.quantize_model``."""
+    from transformers import AutoConfig
+
+    from lora_ref import qlora
+
+    folder = smollm2_folder()
+    config = AutoConfig.from_pretrained(folder)
+    quantize = quantize or (lambda layer: qlora.quantize_model(layer))
+    model = qlora.build_quantized(config, device, weights=SafetensorsWeights(folder), quantize=quantize,
+                                  dtype=dtype, progress=progress)
+    model.generation_config.pad_token_id = model.config.eos_token_id
+    return model, _tokenizer(str(folder))
+
+
 def tiny_llama(seed: int = 0, **overrides):
     """A randomly initialised LlamaForCausalLM of the same architecture as SmolLM2.
 

@@ -91,6 +91,34 @@ class Dequantize4bitLinear(torch.autograd.Function):
         return grad_x, None, None, grad_bias
 
 
+def quantize_4bit_in_chunks(weight: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
+                            double_quant: bool = True, chunk_numel: int = 1 << 24
+                            ) -> tuple[torch.Tensor, quant.QuantState]:
+    """``lora_ref.quant.quantize_4bit`` a few million values at a time: the same bytes, bounded workspace.
+
+    The quantiser's temporaries (an fp32 copy, the scaled values, int64 level indices) take ~24 bytes per
+    value: 5.6 GB for one 28672x8192 Llama-2-70B projection, more than the whole 4-bit layer. Blocks are
+    independent (absmax_b depends on block b only), so quantising whole blocks chunk by chunk and
+    concatenating gives identical codes and absmax; double quantisation then runs once over all absmax
+    values, as in the one-shot call. Workspace: ~24 * ``chunk_numel`` bytes (0.4 GB by default).
+    """
+    flat = weight.reshape(-1)
+    n = flat.numel()
+    step = max(blocksize, chunk_numel - chunk_numel % blocksize)        # whole blocks (and an even count)
+    if n <= step:
+        return quant.quantize_4bit(weight, blocksize, quant_type, double_quant)
+    packed, absmax = [], []
+    for i in range(0, n, step):
+        p, st = quant.quantize_4bit(flat[i:i + step], blocksize, quant_type, double_quant=False)
+        packed.append(p)
+        absmax.append(st.absmax)
+    state = quant.QuantState(absmax=torch.cat(absmax), shape=tuple(weight.shape), dtype=weight.dtype,
+                             blocksize=blocksize, quant_type=quant_type, code=st.code)
+    if double_quant:
+        state = quant.double_quantize(state)
+    return torch.cat(packed), state
+
+
 # ----------------------------------------------------------------------------------------------------
 # The frozen 4-bit linear layer
 # ----------------------------------------------------------------------------------------------------
@@ -126,7 +154,7 @@ class Linear4bit(nn.Module):
         """Quantise ``linear.weight`` (out, in) blockwise; the bias stays in its own dtype."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        packed, state = quant.quantize_4bit(linear.weight.detach(), blocksize, quant_type, double_quant)
+        packed, state = quantize_4bit_in_chunks(linear.weight.detach(), blocksize, quant_type, double_quant)
         return cls(packed, state, linear.bias, compute_dtype)
 
     def _set_quantized(self, packed: torch.Tensor, state: quant.QuantState) -> None:
@@ -392,14 +420,136 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool
         elif len(owners.get(id(mod.weight), [])) > 1:
             report.skipped[name] = f"weight shared with {[o for o in owners[id(mod.weight)] if not o.startswith(name + '.')]}"
         else:
-            targets.append((name, mod))
-    for name, mod in targets:
-        q = Linear4bit.from_linear(mod, quant_type, blocksize, double_quant, compute_dtype)
+            targets.append(name)
+    del mod
+    # by name, one at a time: once a layer is replaced nothing here refers to its 16-bit weight, so it is
+    # freed before the next is quantised (peak: the model plus one layer's workspace, not 2x the linears)
+    for name in targets:
+        q = Linear4bit.from_linear(model.get_submodule(name), quant_type, blocksize, double_quant, compute_dtype)
         _set_submodule(model, name, q)
         report.quantized[name] = q.storage()
     _as_qlora(model)
     report.bytes_after = model_nbytes(model)
     return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building a model already quantised: one 16-bit decoder layer at a time (how a 70B model fits 48 GB)
+# ----------------------------------------------------------------------------------------------------
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers: its largest ``nn.ModuleList`` (``model.model.layers`` in Llama)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of decoder layers")
+    return max(lists, key=len)
+
+
+def build_quantized(config, device: torch.device | str = "cpu", weights=None, quantize=None,
+                    dtype: torch.dtype = torch.bfloat16, progress: bool = True, on_layer=None) -> nn.Module:
+    r"""Build a transformers causal LM with its decoder layers quantised *while it is built*.
+
+    ``from_pretrained`` + :func:`quantize_model` first materialises the whole 16-bit model: 2 bytes per
+    parameter, 138 GB for Llama-2-70B, before a single weight is in 4 bits. QLoRA's "65B on one 48 GB
+    GPU" (arXiv 2305.14314, Section 1) needs the weights to arrive in 4 bits. Here the peak is::
+
+        everything but the layers (c bytes/param: embeddings, final norm, lm_head)
+      + the 4-bit layers built so far + ONE 16-bit layer + the quantiser's workspace (:func:`quantize_4bit_in_chunks`)
+
+    Steps: (1) the model is created with no decoder layers on ``device`` (real embeddings, norm, lm_head,
+    rotary table) and with all its layers on the ``meta`` device (shapes only, no memory); (2) for each
+    layer in turn: allocate it on ``device`` (``to_empty``), fill it (``weights`` or a random init),
+    ``quantize(layer)`` (default: :func:`quantize_model`, NF4 + double quantisation, bf16 compute), and its
+    16-bit weights are freed before the next layer is allocated.
+
+    Args:
+        config: a transformers config (e.g. ``LlamaConfig``); the model class is ``AutoModelForCausalLM``'s.
+        weights: None (random init, transformers' own ``_init_weights``: N(0, initializer_range) linears,
+            norms at 1), or an object with ``get(name) -> tensor`` and ``names()`` for full parameter names
+            (``lora_ref.models.SafetensorsWeights`` streams a safetensors checkpoint one tensor at a time).
+        quantize: ``quantize(layer)`` replaces a layer's linears in place (default: :func:`quantize_model`,
+            computing in ``dtype``); ``lora_ref.kernels.quantize_model_fast`` builds the fast path instead.
+        dtype: dtype of the 16-bit parts; on_layer: called as ``on_layer(i, model)`` after layer i is done.
+    Returns the model (train mode off, every base parameter frozen).
+    """
+    from transformers import AutoModelForCausalLM
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    n_layers = config.num_hidden_layers
+    quantize = quantize or (lambda layer: quantize_model(layer))
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            layers = decoder_layers(AutoModelForCausalLM.from_config(config))     # shapes only
+        config.num_hidden_layers = 0
+        try:
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(config)                   # no layers: ~1 GB for 70B
+        finally:
+            config.num_hidden_layers = n_layers
+    finally:
+        torch.set_default_dtype(old)
+    model.config.num_hidden_layers = n_layers
+    empty = decoder_layers(model) if any(isinstance(m, nn.ModuleList) for m in model.modules()) else None
+    if empty is None or len(empty):
+        raise ValueError("could not find the (empty) decoder-layer list of the model built without layers")
+    parent = next(m for m in model.modules() if any(c is empty for c in m.children()))
+    list_name = next(k for k, c in parent.named_children() if c is empty)
+    setattr(parent, list_name, layers)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    for name, buf in layers.named_buffers():
+        raise ValueError(f"decoder layers hold a buffer ({name}); to_empty would leave it uninitialised")
+    if weights is not None:
+        _load_into(model, weights, skip_prefix=prefix + ".", device=device)
+    model.requires_grad_(False)
+    for i in tqdm(range(n_layers), desc="build + quantise layers", disable=not progress):
+        layer = layers[i].to_empty(device=device)                                # 16-bit, uninitialised
+        with torch.no_grad():
+            if weights is None:
+                for m in layer.modules():
+                    model._init_weights(m)
+            else:
+                _load_into(layer, weights, prefix=f"{prefix}.{i}.", device=device)
+        layer.requires_grad_(False)
+        quantize(layer)
+        if on_layer is not None:
+            on_layer(i, model)
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def _load_into(module: nn.Module, weights, prefix: str = "", skip_prefix: str | None = None,
+               device: torch.device | None = None) -> None:
+    """Copy ``weights.get(prefix + name)`` into every parameter and persistent buffer of ``module``.
+
+    Tied parameters (lm_head.weight is embed_tokens.weight) are filled once; a tensor missing from the
+    checkpoint is an error, except a tied one whose twin is present."""
+    available = set(weights.names())
+    seen: set[int] = set()
+    tensors = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers())
+    persistent = set(module.state_dict(keep_vars=True).keys())
+    missing = []
+    for name, t in tensors:
+        full = prefix + name
+        if skip_prefix and full.startswith(skip_prefix):
+            continue
+        if name not in persistent and not isinstance(t, nn.Parameter):
+            continue                                              # non-persistent buffer (rotary table)
+        if full not in available:
+            if id(t) not in seen:
+                missing.append(full)
+            continue
+        src = weights.get(full)
+        if tuple(src.shape) != tuple(t.shape):
+            raise ValueError(f"{full}: checkpoint shape {tuple(src.shape)} != model shape {tuple(t.shape)}")
+        t.copy_(src.to(device=t.device, dtype=t.dtype))
+        seen.add(id(t))
+    missing = [m for m in missing if not any(id(t) in seen for n, t in tensors if prefix + n == m)]
+    if missing:
+        raise KeyError(f"the checkpoint has no tensor for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
