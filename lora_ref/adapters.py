@@ -9,6 +9,11 @@ A PEFT LoRA adapter is a folder with two files:
   In memory PEFT adds the adapter name (``lora_A.default.weight``); on disk it strips it.
 
 Our in-memory names are ``<module path>.lora_A`` (see lora.py), so the mapping is a prefix and a suffix.
+
+DoRA adapters (``use_dora: true``, lora_ref.dora) add one tensor per layer, the magnitude vector (out,),
+stored by PEFT *without* a ``.weight`` suffix: ``base_model.model.<module path>.lora_magnitude_vector``.
+An adapter's DoRA-ness must match the model's layers: a DoRA adapter read as plain LoRA would drop the
+magnitudes and silently compute something else, so that is an error both ways.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .lora import ALL_LINEAR, LoRAConfig, inject_lora, lora_layers, select_targets
+from .lora import ALL_LINEAR, LoRAConfig, inject_lora, lora_layers, lora_scaling, targeted_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -30,6 +35,27 @@ PREFIX = "base_model.model."
 def peft_key(module_path: str, matrix: str) -> str:
     """'model.layers.0.self_attn.q_proj', 'A' -> 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'."""
     return f"{PREFIX}{module_path}.lora_{matrix}.weight"
+
+
+def parse_peft_key(key: str) -> tuple[str, str]:
+    """Inverse of :func:`peft_key`: 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' ->
+    ('model.layers.0.self_attn.q_proj', 'A'). Also reads PEFT's in-memory spelling with an adapter name
+    ('...q_proj.lora_A.default.weight'). ValueError for a key that is not a LoRA matrix."""
+    name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    for matrix in ("A", "B"):
+        marker = f".lora_{matrix}."
+        if marker in name:
+            return name.split(marker)[0], matrix
+    raise ValueError(f"not a LoRA tensor key: {key!r} (expected '...lora_A.weight' or '...lora_B.weight')")
+
+
+def magnitude_key(module_path: str) -> str:
+    """DoRA's magnitude vector on disk: 'base_model.model.<module path>.lora_magnitude_vector' (no '.weight')."""
+    return f"{PREFIX}{module_path}.lora_magnitude_vector"
+
+
+def _is_dora(layer: nn.Module) -> bool:
+    return hasattr(layer, "lora_magnitude_vector")
 
 
 def config_to_peft(config: LoRAConfig, base_model_class: str | None = None) -> dict:
@@ -42,6 +68,7 @@ def config_to_peft(config: LoRAConfig, base_model_class: str | None = None) -> d
         "lora_dropout": config.dropout,
         "target_modules": targets if targets == ALL_LINEAR else sorted(targets),
         "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -60,7 +87,7 @@ def config_from_peft(d: dict) -> LoRAConfig:
                         f"{type(d).__name__}")
     if d.get("peft_type") != "LORA":
         raise ValueError(f"not a LoRA adapter: peft_type={d.get('peft_type')!r}")
-    unsupported = {k: d[k] for k in ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform",
+    unsupported = {k: d[k] for k in ("rank_pattern", "alpha_pattern", "layers_to_transform",
                                      "modules_to_save", "fan_in_fan_out", "lora_bias") if d.get(k)}
     if unsupported:
         raise ValueError(f"adapter uses PEFT features lora_ref does not implement: {unsupported}")
@@ -72,7 +99,7 @@ def config_from_peft(d: dict) -> LoRAConfig:
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     return LoRAConfig(r=d["r"], alpha=d["lora_alpha"], dropout=d.get("lora_dropout", 0.0),
                       target_modules=targets if isinstance(targets, str) else tuple(targets),
-                      use_rslora=bool(d.get("use_rslora", False)),
+                      use_rslora=bool(d.get("use_rslora", False)), use_dora=bool(d.get("use_dora", False)),
                       exclude_modules=tuple(dict.fromkeys(LoRAConfig.exclude_modules + exclude)))
 
 
@@ -85,6 +112,8 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     for path, layer in layers.items():
         out[peft_key(path, "A")] = layer.lora_A.detach().to("cpu").contiguous()
         out[peft_key(path, "B")] = layer.lora_B.detach().to("cpu").contiguous()
+        if _is_dora(layer):
+            out[magnitude_key(path)] = layer.lora_magnitude_vector.detach().to("cpu").contiguous()
     return out
 
 
@@ -92,6 +121,10 @@ def save_adapter(model: nn.Module, folder: str | Path, config: LoRAConfig) -> Pa
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    dora = {_is_dora(layer) for layer in lora_layers(model).values()}
+    if dora and dora != {config.use_dora}:
+        raise ValueError(f"the model's layers are {'DoRA' if True in dora else 'plain LoRA'} but config.use_dora="
+                         f"{config.use_dora}: save with the config the layers were made with")
     tensors = adapter_tensors(model)
     save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
     cfg = config_to_peft(config, type(model).__name__)
@@ -121,12 +154,20 @@ def _expected_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[in
     """PEFT key -> shape of every adapter tensor the model needs: from its LoRA layers if it has them,
     else from the layers ``inject_lora`` would wrap. Changes nothing."""
     layers = lora_layers(model)
+    wrong = [p for p, layer in layers.items() if _is_dora(layer) != config.use_dora]
+    if wrong:
+        have, want = ("DoRA", "plain LoRA") if _is_dora(layers[wrong[0]]) else ("plain LoRA", "DoRA")
+        raise ValueError(f"the adapter is {want} (use_dora={config.use_dora}) but the model's layers are {have} "
+                         f"(e.g. {wrong[0]}): load it into a model without LoRA layers")
     if layers:
         dims = {p: (layer.r, layer.in_features, layer.out_features) for p, layer in layers.items()}
     else:
-        dims = {p: (config.r, int(m.in_features), int(m.out_features)) for p, m in select_targets(model, config)}
-    return {k: shape for p, (r, i, o) in dims.items()
-            for k, shape in ((peft_key(p, "A"), (r, i)), (peft_key(p, "B"), (o, r)))}
+        dims = {p: (config.r, int(m.in_features), int(m.out_features)) for p, m in targeted_layers(model, config)}
+    shapes = {k: shape for p, (r, i, o) in dims.items()
+              for k, shape in ((peft_key(p, "A"), (r, i)), (peft_key(p, "B"), (o, r)))}
+    if config.use_dora:
+        shapes.update({magnitude_key(p): (o,) for p, (_, _, o) in dims.items()})
+    return shapes
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
@@ -155,7 +196,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
         if not torch.isfinite(t).all():
             raise ValueError(f"{key} holds {int(torch.isnan(t).sum())} NaN and {int(torch.isinf(t).sum())} Inf "
                              f"values: the adapter in {folder} is broken (a diverged training run?)")
-    scaling = config.alpha / (config.r ** 0.5 if config.use_rslora else config.r)
+    scaling = lora_scaling(config.alpha, config.r, config.use_rslora)
     for path, layer in lora_layers(model).items():
         if layer.scaling != scaling:
             raise ValueError(f"layer {path} has scaling {layer.scaling}, the adapter's config implies {scaling}")
@@ -165,4 +206,6 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
         for path, layer in lora_layers(model).items():
             layer.lora_A.copy_(tensors[peft_key(path, "A")])
             layer.lora_B.copy_(tensors[peft_key(path, "B")])
+            if _is_dora(layer):
+                layer.lora_magnitude_vector.copy_(tensors[magnitude_key(path)])
     return model

@@ -132,3 +132,67 @@ def test_inject_dora_on_tiny_model_equals_peft(tiny):
     assert count_parameters(tiny).trainable == sum(p.numel() for p in pm.parameters() if p.requires_grad)
     extra = sum(l.out_features for l in layers.values())
     assert count_parameters(tiny).trainable == sum(l.r * (l.in_features + l.out_features) for l in layers.values()) + extra
+
+
+def _peft_dora_adapter(tiny, folder, rslora=False):
+    pm = peft.get_peft_model(tiny, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                   use_dora=True, use_rslora=rslora))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+    pm.save_pretrained(folder)
+    return pm
+
+
+def test_peft_dora_adapter_is_never_loaded_as_plain_lora(tiny, tmp_path):
+    """A DoRA adapter read as plain LoRA would drop the magnitudes and give other outputs, silently."""
+    from lora_ref.adapters import load_adapter
+    base = copy.deepcopy(tiny)
+    _peft_dora_adapter(tiny, tmp_path)
+    plain = copy.deepcopy(base)
+    inject_lora(plain, LoRAConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj")))
+    with pytest.raises(ValueError, match="DoRA"):
+        load_adapter(plain, tmp_path)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_dora_adapter_loads_in_ours(tiny, tmp_path, rslora):
+    from lora_ref.adapters import load_adapter
+    base = copy.deepcopy(tiny)
+    pm = _peft_dora_adapter(tiny, tmp_path, rslora=rslora)
+    x = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        theirs = pm(x).logits
+    load_adapter(base, tmp_path)
+    assert all(isinstance(l, DoRALinear) and l.use_rslora == rslora for l in lora_layers(base).values())
+    with torch.no_grad():
+        assert (base(x).logits - theirs).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_our_dora_adapter_loads_in_peft(tiny, tmp_path, rslora):
+    from lora_ref.adapters import magnitude_key, save_adapter
+    from safetensors.torch import load_file
+    base = copy.deepcopy(tiny)
+    cfg = LoRAConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"), use_dora=True, use_rslora=rslora)
+    inject_lora(tiny, cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for l in lora_layers(tiny).values():
+            l.lora_B.copy_(torch.randn(l.lora_B.shape, generator=g) * 0.05)
+            l.lora_magnitude_vector.mul_(1 + 0.1 * torch.randn(l.out_features, generator=g))
+    save_adapter(tiny, tmp_path, cfg)
+    keys = load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert magnitude_key("model.layers.0.self_attn.q_proj") in keys
+    x = torch.randint(0, 256, (2, 9))
+    pm = peft.PeftModel.from_pretrained(base, tmp_path)
+    with torch.no_grad():
+        assert (pm(x).logits - tiny(x).logits).abs().max() < 1e-5
+        with pm.disable_adapter():
+            assert (pm(x).logits - tiny(x).logits).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="use_dora"):
+        save_adapter(tiny, tmp_path / "wrong", LoRAConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj")))
