@@ -514,8 +514,11 @@ else:
 # `benchmarks/dequant_speed.py` on an NVIDIA H200: the Llama-2-7B shape (random weights), batch 4 x 512
 # tokens, r = 16 on all 7 projections, AdamW, bf16 compute, NF4 + double quantisation, with and without
 # gradient checkpointing. The cell reads whatever JSON files are there (benchmarks/README.md discusses them).
-# One finding to remember: the anchor's 25.9 GB for the recipe was measured *without* checkpointing; a
-# model from `from_pretrained` is in eval mode, and transformers only checkpoints layers in training mode.
+# One finding to remember: the anchor's {{result:qlora_step_llama-2-7b_h200.json:anchor.recipe.peak_gb:.2f}} GB for
+# the recipe was measured *without* checkpointing (this run reproduces it without checkpointing at
+# {{result:qlora_step_llama-2-7b_h200.json:results.recipe_no_ckpt.peak_gb:.2f}} GB, and measures
+# {{result:qlora_step_llama-2-7b_h200.json:results.recipe.peak_gb:.2f}} GB with it): a model from `from_pretrained`
+# is in eval mode, and transformers only checkpoints layers in training mode.
 # %%
 
 
