@@ -1,5 +1,16 @@
 """Bank: LoRA's math (LoRA paper, arXiv 2106.09685, Sections 4 and 7) and rank/alpha choices."""
+from ...memory import ATTENTION_PROJECTIONS, linear_shapes
 from ..items import Item, kp
+
+
+def _mlp_share(model: str) -> float:
+    """Share of one decoder layer's projection weights in the MLP (gate, up, down), from lora_ref.memory's
+    shapes (GQA-aware), so that the figure quoted below is computed, not typed."""
+    shapes = linear_shapes(model)
+    total = sum(o * i for o, i in shapes.values())
+    attention = sum(o * i for name, (o, i) in shapes.items() if name in ATTENTION_PROJECTIONS)
+    return (total - attention) / total
+
 
 ITEMS = [
     Item(
@@ -121,7 +132,7 @@ ITEMS = [
             kp("adapters add sequential layers (latency)", "sequential", "adapter layer", "extra layer", "bottleneck"),
             kp("merged serves one adapter; unmerged multi-adapter costs a little", "one adapter", "multi adapter", "unmerged"),
         ),
-        source="LoRA paper Section 3 (adapter latency, Table 1) and 4.2 (no additional inference latency)",
+        source="LoRA paper Section 3 (adapter latency, Table 1) and Section 4.1 ('No Additional Inference Latency')",
         follow_ups=("When would you keep the adapter unmerged in production?",),
     ),
     Item(
@@ -129,7 +140,7 @@ ITEMS = [
         prompt="What does the LoRA paper's Section 7 (understanding the low-rank updates) find?",
         answer=(
             "Using the subspace similarity phi(A_r8, A_r64, i, j) = ||U_i^T U_j||_F^2 / min(i, j) between the "
-            "top singular directions of the r=8 and r=64 updates, the top direction overlaps strongly and the "
+            "top right-singular vectors of the learned A matrices at r=8 and r=64, the top direction overlaps strongly and the "
             "rest is mostly noise: a very low rank captures the useful update. Delta W correlates more with W "
             "than a random matrix, but it amplifies directions that are not emphasised in W (it does not "
             "repeat W's top singular directions), with a large amplification factor (about 21.5 for r = 4 on "
@@ -152,7 +163,10 @@ ITEMS = [
             "number of adapted matrices matters most: LoRA on all linear layers (q, k, v, o, gate, up, down) is "
             "needed to match full 16-bit fine-tuning, after which r hardly matters. Today's default is therefore "
             "all linear layers (PEFT target_modules='all-linear'); restricting to attention saves parameters "
-            "but usually costs quality. The MLP holds about two thirds of a Llama block's weights."
+            "but usually costs quality. The MLP holds most of a block's weights: "
+            f"{_mlp_share('llama-2-7b'):.0%} of a Llama-2-7B layer's projection weights (multi-head attention) and "
+            f"{_mlp_share('smollm2-135m'):.0%} of a SmolLM2-135M layer's (grouped-query attention makes k and v "
+            "narrow), so attention-only LoRA leaves the largest matrices untouched."
         ),
         key_points=(
             kp("LoRA paper: Wq and Wv under a fixed budget", "wq wv", "q v"),
