@@ -42,6 +42,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lora_ref.lora import lora_scaling, set_submodule
+
 try:  # Triton ships with CUDA builds of torch; the CPU machines of the course have none.
     import triton
     import triton.language as tl
@@ -472,7 +474,7 @@ class FastQLoRALinear(nn.Module):
         if not isinstance(r, int) or not 1 <= r <= min(in_f, out_f):
             raise ValueError(f"rank r={r!r} must be an integer in [1, {min(in_f, out_f)}]")
         self.in_features, self.out_features, self.r = in_f, out_f, r
-        self.scaling = float(alpha) / r
+        self.scaling = lora_scaling(alpha, r)
         self.register_buffer("packed", packed)
         self.lay = lay
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
@@ -514,10 +516,8 @@ def quantize_model_fast(model: nn.Module, r: int, alpha: float,
     if not names:
         raise ValueError(f"no nn.Linear named one of {targets} in the model")
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        lin = getattr(parent, child)
-        setattr(parent, child, FastQLoRALinear.from_linear(lin, r, alpha, blocksize, double_quant))
+        lin = model.get_submodule(name)
+        set_submodule(model, name, FastQLoRALinear.from_linear(lin, r, alpha, blocksize, double_quant))
         lin.weight = None
         del lin
     return model

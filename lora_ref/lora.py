@@ -67,7 +67,7 @@ class LoRALinear(nn.Module):
             p.requires_grad_(False)
         self.in_features, self.out_features = in_f, out_f
         self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
-        self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
+        self.scaling = lora_scaling(self.alpha, r, use_rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
         w = base.weight
@@ -105,11 +105,7 @@ class LoRALinear(nn.Module):
         w = self.base_layer.weight
         if not w.dtype.is_floating_point:
             raise TypeError(f"cannot merge into a {w.dtype} weight; dequantise it first (see lora_ref.qlora)")
-        delta = self.delta_weight()
-        new = w.data.to(torch.promote_types(w.dtype, delta.dtype)) + sign * delta
-        if not torch.isfinite(new).all():
-            raise ValueError("merging would produce non-finite weights (NaN/Inf); adapter left unmerged")
-        w.data.copy_(new.to(w.dtype))
+        w.data.copy_(merged_weight(w.data, self.lora_A, self.lora_B, self.scaling, sign))
 
     def merge(self) -> None:
         """W <- W + s B A. Idempotent: merging twice is a no-op (guarded by ``merged``)."""
@@ -130,6 +126,40 @@ class LoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha:g}, scaling={self.scaling:.4g}{', rslora' if self.use_rslora else ''}"
                 f"{', merged' if self.merged else ''}")
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    r"""The factor s of the update s B A: alpha / r (LoRA Section 4.1), or alpha / sqrt(r) with rsLoRA.
+
+    rsLoRA (Kalajdzievski 2023, arXiv 2312.03732, Theorem 3.2): with alpha / r the update's size shrinks as r
+    grows; alpha / sqrt(r) keeps it stable (PEFT's ``use_rslora=True``). Notebook 02's ``lora_scaling``.
+    Raises ValueError unless r is a positive integer and alpha a positive finite number.
+    """
+    r = check_int("r", r, minimum=1)
+    alpha = check_real("alpha", alpha, positive=True)
+    return alpha / (math.sqrt(r) if use_rslora else r)
+
+
+def merged_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+                  sign: float = 1.0) -> torch.Tensor:
+    r"""W' = W + sign * s B A, summed in at least fp32 (fp64 stays fp64) and rounded once to W's dtype.
+
+    The one merge of the package: :meth:`LoRALinear.merge`/``unmerge`` (``sign=-1``), ``QLoRALinear.merge``,
+    ``qlora.merge_for_deployment`` and serving's merged models all call it (PEFT merges the same way).
+    Shapes: W (out, in), A (r, in), B (out, r). Raises ValueError on shapes that do not fit or a non-finite
+    result (PEFT's ``safe_merge``; nothing is written). Rounding the sum to bf16 loses every part of s B A
+    smaller than half a bf16 step of W (peft#1388): measured in notebook 07.
+    """
+    r = A.shape[0] if A.dim() == 2 else -1
+    if W.dim() != 2 or A.dim() != 2 or A.shape != (r, W.shape[1]) or B.shape != (W.shape[0], r):
+        raise ValueError(f"shapes do not fit W' = W + s B A: W {tuple(W.shape)}, A {tuple(A.shape)}, "
+                         f"B {tuple(B.shape)} (need A (r, in), B (out, r))")
+    work = torch.promote_types(torch.promote_types(W.dtype, A.dtype), torch.float32)
+    delta = (B.to(work) @ A.to(work)) * scaling                   # s B A, (out, in)
+    out = W.to(work) + sign * delta
+    if not torch.isfinite(out).all():
+        raise ValueError("merging would produce non-finite weights (NaN/Inf); nothing merged")
+    return out.to(W.dtype)
 
 
 def _check_dropout(dropout) -> float:
@@ -184,13 +214,15 @@ def _matches(name: str, config: LoRAConfig) -> bool:
                for t in config.target_modules)
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted path ``name`` of ``model`` ('model.layers.0.mlp.up_proj'), replacing what
+    was there: how LoRA, quantisation and serving swap layers in place."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
 
 
-def select_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Module]]:
+def targeted_layers(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Module]]:
     """The (name, linear layer) pairs ``inject_lora`` would wrap, without changing ``model``.
 
     Raises ValueError if the model already carries LoRA layers, if a target matches nothing (listing the
@@ -226,14 +258,31 @@ def select_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.M
     return targets
 
 
+def select_targets(model: nn.Module, target_modules: Sequence[str] | str,
+                   exclude_modules: Sequence[str] = ("lm_head",)) -> list[str]:
+    """The full names of the linear layers LoRA wraps for ``target_modules`` (short names, dotted names,
+    regexes or "all-linear"), sorted; notebook 03's ``select_targets``. ValueError as :func:`inject_lora`
+    for a target that matches no linear layer. The rank plays no part in the choice."""
+    config = LoRAConfig(r=1, alpha=1.0, target_modules=target_modules, exclude_modules=exclude_modules)
+    return sorted(name for name, _ in targeted_layers(model, config))
+
+
+def lora_trainable_params(model: nn.Module, target_modules: Sequence[str] | str, r: int) -> int:
+    """Parameters LoRA of rank r trains on ``target_modules``: sum over the wrapped layers of r (in + out)
+    (LoRA Section 4.1), without touching the model; notebook 03's ``lora_trainable_params``. Equals
+    ``count_parameters(inject_lora(model, LoRAConfig(r=r, target_modules=...))).trainable``."""
+    config = LoRAConfig(r=r, alpha=float(r), target_modules=target_modules)
+    return sum(config.r * (int(m.in_features) + int(m.out_features)) for _, m in targeted_layers(model, config))
+
+
 def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     """Wrap every targeted linear layer of ``model`` in a LoRALinear, in place; freeze everything else.
 
-    All or nothing: every check (:func:`select_targets`) runs before the model is changed. A new layer
+    All or nothing: every check (:func:`targeted_layers`) runs before the model is changed. A new layer
     takes the train/eval mode of the layer it wraps, as PEFT's do: injecting into a model in eval mode
     gives deterministic outputs (LoRA dropout off) without another ``model.eval()``.
     """
-    targets = select_targets(model, config)
+    targets = targeted_layers(model, config)
     for p in model.parameters():
         p.requires_grad_(False)
     layer_cls = LoRALinear
@@ -241,7 +290,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         from .dora import DoRALinear as layer_cls
     for name, module in targets:
         layer = layer_cls(module, config.r, config.alpha, config.dropout, config.use_rslora)
-        _set_submodule(model, name, layer.train(module.training))
+        set_submodule(model, name, layer.train(module.training))
     return model
 
 
@@ -262,7 +311,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every adapter into its base weight and put the plain base layer back (no added latency)."""
     for name, layer in lora_layers(model).items():
         layer.merge()
-        _set_submodule(model, name, layer.base_layer)
+        set_submodule(model, name, layer.base_layer)
     return model
 
 
@@ -292,15 +341,6 @@ def count_parameters(model: nn.Module) -> ParamCount:
         total += n
         trainable += n if p.requires_grad else 0
     return ParamCount(trainable, total)
-
-
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapter tensors, keyed by module path: '<module>.lora_A' and '<module>.lora_B'."""
-    out = {}
-    for name, layer in lora_layers(model).items():
-        out[f"{name}.lora_A"] = layer.lora_A.detach()
-        out[f"{name}.lora_B"] = layer.lora_B.detach()
-    return out
 
 
 def trainable_parameters(model: nn.Module) -> Iterable[nn.Parameter]:

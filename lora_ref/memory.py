@@ -230,6 +230,14 @@ def lora_param_count(shape: ModelShape | str, r: int, targets: str | Iterable[st
     return s.n_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in resolve_targets(targets))
 
 
+def lora_param_count_for_dims(hidden: int, intermediate: int, n_layers: int, n_heads: int, n_kv_heads: int,
+                              r: int, targets: str | Iterable[str] = ("q_proj", "v_proj")) -> int:
+    """:func:`lora_param_count` for a Llama-family model given by its config numbers (vocab plays no part);
+    notebook 01's ``lora_param_count``. Grouped-query attention: k and v are n_kv_heads * head_dim wide."""
+    shape = ModelShape("custom", hidden, intermediate, n_layers, n_heads, n_kv_heads, vocab=1)
+    return lora_param_count(shape, r, targets if isinstance(targets, str) else tuple(targets))
+
+
 def _peft_key_names(shape: ModelShape, targets: tuple[str, ...]) -> list[tuple[str, tuple[int, int]]]:
     group = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}

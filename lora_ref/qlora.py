@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lora_ref import quant
-from lora_ref.lora import LoRAConfig, LoRALinear, inject_lora, lora_layers
+from lora_ref.lora import LoRAConfig, LoRALinear, inject_lora, lora_layers, merged_weight, set_submodule
 
 # ----------------------------------------------------------------------------------------------------
 # One dispatch point for the dequantise used in forward and backward
@@ -264,9 +263,7 @@ class QLoRALinear(LoRALinear):
         if self.merged:
             return
         base = self.base_layer
-        merged = base.dequantize(torch.float32) + self.delta_weight()
-        if not torch.isfinite(merged).all():
-            raise ValueError("merging would produce non-finite weights (NaN/Inf); adapter left unmerged")
+        merged = merged_weight(base.dequantize(torch.float32), self.lora_A, self.lora_B, self.scaling)
         self._before_merge = (base.weight, base.quant_state)
         base.requantize_(merged)
         self.merged = True
@@ -386,11 +383,6 @@ def _fmt(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool = True,
                    compute_dtype: torch.dtype | None = None, blocksize: int = 64,
                    skip: tuple[str, ...] = ("lm_head",)) -> QuantReport:
@@ -426,7 +418,7 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool
     # freed before the next is quantised (peak: the model plus one layer's workspace, not 2x the linears)
     for name in targets:
         q = Linear4bit.from_linear(model.get_submodule(name), quant_type, blocksize, double_quant, compute_dtype)
-        _set_submodule(model, name, q)
+        set_submodule(model, name, q)
         report.quantized[name] = q.storage()
     _as_qlora(model)
     report.bytes_after = model_nbytes(model)
@@ -556,7 +548,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
     """Replace every Linear4bit (adapter-free) by a dense ``nn.Linear`` holding dequant(W) in ``dtype``."""
     for name, mod in list(model.named_modules()):
         if isinstance(mod, Linear4bit):
-            _set_submodule(model, name, _dense_linear(mod.dequantize(torch.float32), mod.bias, dtype))
+            set_submodule(model, name, _dense_linear(mod.dequantize(torch.float32), mod.bias, dtype))
     return model
 
 
@@ -588,30 +580,17 @@ def merge_for_deployment(model: nn.Module, dtype: torch.dtype = torch.bfloat16) 
                 layer.unmerge()
             merged = base.dequantize(torch.float32)
             if not layer.disabled:
-                merged = merged + layer.delta_weight()
-            if not torch.isfinite(merged).all():
-                raise ValueError(f"{name}: merged weight has NaN/Inf; not exported")
-            _set_submodule(model, name, _dense_linear(merged, base.bias, dtype))
+                try:
+                    merged = merged_weight(merged, layer.lora_A, layer.lora_B, layer.scaling)   # fp32 sum
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}; not exported") from None
+            set_submodule(model, name, _dense_linear(merged, base.bias, dtype))
         else:
             if not layer.disabled:
                 layer.merge()
-            _set_submodule(model, name, base)
+            set_submodule(model, name, base)
     dequantize_model(model, dtype)
     return model.to(dtype)
-
-
-def export_merged(model: nn.Module, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """:func:`merge_for_deployment`, then save: ``save_pretrained`` (safetensors) for transformers
-    models, else ``model.safetensors`` of the state dict (tied tensors stored once). Returns the folder."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    merge_for_deployment(model, dtype)
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(folder, safe_serialization=True)
-    else:
-        from safetensors.torch import save_model
-        save_model(model, str(folder / "model.safetensors"))
-    return folder
 
 
 @dataclass(frozen=True)

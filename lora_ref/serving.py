@@ -37,8 +37,9 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from .adapters import read_adapter
-from .lora import _set_submodule, lora_layers, merge_and_unload
+from .adapters import parse_peft_key, read_adapter
+from .lora import lora_layers, lora_scaling, merge_and_unload, set_submodule
+from .qlora import Linear4bit, merge_for_deployment
 
 BASE = None          # the adapter name that means "no adapter: the base model alone"
 
@@ -71,22 +72,6 @@ def adapter_from_model(model: nn.Module) -> AdapterWeights:
     return AdapterWeights(layers)
 
 
-_PEFT_PREFIX = "base_model.model."
-
-
-def _module_and_kind(key: str) -> tuple[str, str]:
-    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' -> ('model.layers.0...q_proj', 'A').
-
-    Also accepts the in-memory spelling with an adapter name: '...q_proj.lora_A.default.weight'.
-    """
-    name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
-    for kind in ("lora_A", "lora_B"):
-        marker = f".{kind}."
-        if marker in name:
-            return name.split(marker)[0], kind[-1]
-    raise ValueError(f"not a LoRA tensor key: {key!r} (expected '...lora_A.weight' or '...lora_B.weight')")
-
-
 def read_peft_adapter(folder: str | Path) -> AdapterWeights:
     """Read a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) into tensors.
 
@@ -96,7 +81,7 @@ def read_peft_adapter(folder: str | Path) -> AdapterWeights:
     config, tensors = read_adapter(folder)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        module, kind = _module_and_kind(key)
+        module, kind = parse_peft_key(key)
         parts.setdefault(module, {})[kind] = t
     layers = {}
     for module, ab in parts.items():
@@ -105,32 +90,14 @@ def read_peft_adapter(folder: str | Path) -> AdapterWeights:
         if ab["A"].shape[0] != config.r or ab["B"].shape[1] != config.r:
             raise ValueError(f"{folder}: {module!r} has A {tuple(ab['A'].shape)}, B {tuple(ab['B'].shape)} but "
                              f"the config says r={config.r}")
-        layers[module] = (ab["A"], ab["B"], config.alpha / (math.sqrt(config.r) if config.use_rslora else config.r))
+        layers[module] = (ab["A"], ab["B"], lora_scaling(config.alpha, config.r, config.use_rslora))
     return AdapterWeights(layers, {"r": config.r, "lora_alpha": config.alpha, "use_rslora": config.use_rslora,
                                    "target_modules": config.target_modules})
 
 
 # --------------------------------------------------------------------------------------------------
-# the two formulas
+# the two formulas: merged_weight (lora.merged_weight, the one merge) and the mixed-batch delta
 # --------------------------------------------------------------------------------------------------
-
-def merged_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
-                  sign: float = 1.0) -> torch.Tensor:
-    """W' = W + sign * s B A, computed in fp32 and rounded once to W's dtype (PEFT does the same).
-
-    W (out, in), A (r, in), B (out, r). ``sign=-1`` unmerges. Raises ValueError on mismatched shapes or a
-    non-finite result (PEFT's ``safe_merge``). Rounding the sum to bf16 loses every part of s B A smaller
-    than half a bf16 step of W (peft#1388): measured in notebook 07.
-    """
-    r = A.shape[0]
-    if W.dim() != 2 or A.shape != (r, W.shape[1]) or B.shape != (W.shape[0], r):
-        raise ValueError(f"shapes do not fit W' = W + s B A: W {tuple(W.shape)}, A {tuple(A.shape)}, "
-                         f"B {tuple(B.shape)} (need A (r, in), B (out, r))")
-    out = W.float() + sign * scaling * (B.float() @ A.float())
-    if not torch.isfinite(out).all():
-        raise ValueError("merge produced non-finite values (NaN/Inf)")
-    return out.to(W.dtype)
-
 
 def batched_lora_delta(x: torch.Tensor, A_all: torch.Tensor, B_all: torch.Tensor, s_all: torch.Tensor,
                        idx: torch.Tensor) -> torch.Tensor:
@@ -282,7 +249,7 @@ class AdapterServer:
             layer = wrapped.get(path)
             if layer is None:
                 layer = MultiLoRALinear(modules[path])
-                _set_submodule(self.model, path, layer)
+                set_submodule(self.model, path, layer)
                 wrapped[path] = layer
             layer.add(name, A, B, s)
         self.names.append(name)
@@ -392,17 +359,33 @@ def merged_copy(lora_model: nn.Module) -> nn.Module:
 
 
 def export_merged_model(lora_model: nn.Module, folder: str | Path, tokenizer=None,
-                        dtype: torch.dtype | None = None) -> Path:
-    """Merge into a copy and write a plain transformers checkpoint (config.json + model.safetensors).
+                        dtype: torch.dtype | None = None, in_place: bool = False) -> Path:
+    """Merge and write a plain checkpoint: the one exporter of merged models (LoRA and QLoRA).
 
-    ``dtype`` casts the merged copy before saving (e.g. torch.bfloat16 halves the file; the merge itself
-    is always done in fp32 first). The folder loads with ``AutoModelForCausalLM.from_pretrained``.
+    LoRA: W' = W + s B A (:func:`lora_ref.lora.merged_weight`, fp32 sum), wrappers removed; ``dtype`` casts
+    the merged model before saving (e.g. torch.bfloat16 halves the file). QLoRA (4-bit bases):
+    :func:`lora_ref.qlora.merge_for_deployment`, W_16 = cast(dequant(W_nf4) + s B A) in ``dtype``
+    (default bf16): never re-quantised. transformers models are written with ``save_pretrained``
+    (config.json + model.safetensors, loads with ``AutoModelForCausalLM.from_pretrained``), other modules
+    as ``model.safetensors`` of the state dict. ``in_place=True`` merges ``lora_model`` itself instead of
+    a copy (no second copy of a large model in memory).
     """
-    merged = merged_copy(lora_model)
-    if dtype is not None:
-        merged = merged.to(dtype)
+    model = lora_model if in_place else copy.deepcopy(lora_model)
+    if any(isinstance(m, Linear4bit) for m in model.modules()):
+        merge_for_deployment(model, torch.bfloat16 if dtype is None else dtype)
+    else:
+        if not lora_layers(model):
+            raise ValueError("the model has no LoRALinear layers: nothing to merge")
+        merge_and_unload(model)
+        if dtype is not None:
+            model = model.to(dtype)
     folder = Path(folder)
-    merged.save_pretrained(folder, safe_serialization=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(folder, safe_serialization=True)
+    else:
+        from safetensors.torch import save_model
+        save_model(model, str(folder / "model.safetensors"))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder

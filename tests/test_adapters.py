@@ -115,3 +115,13 @@ def test_mismatched_adapter(tiny, tmp_path):
     small = tiny_llama(hidden_size=32, intermediate_size=64)
     with pytest.raises(ValueError, match="shape"):
         load_adapter(small, tmp_path)
+
+
+def test_parse_peft_key_inverts_peft_key():
+    from lora_ref.adapters import parse_peft_key, peft_key
+    for path, m in (("model.layers.0.self_attn.q_proj", "A"), ("model.layers.11.mlp.down_proj", "B")):
+        assert parse_peft_key(peft_key(path, m)) == (path, m)
+    assert parse_peft_key("base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight") == \
+        ("model.layers.0.self_attn.q_proj", "B")
+    with pytest.raises(ValueError, match="not a LoRA tensor key"):
+        parse_peft_key("base_model.model.model.layers.0.self_attn.q_proj.weight")

@@ -4,7 +4,7 @@ import torch
 
 from lora_ref import lowrank
 from lora_ref.exercises import check, get
-from lora_ref.exercises.nb01 import reference_lora_param_count
+from lora_ref.memory import lora_param_count_for_dims as reference_lora_param_count
 from lora_ref.lora import count_parameters
 
 

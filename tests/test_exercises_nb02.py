@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from lora_ref.exercises import check, get
-from lora_ref.exercises.nb02 import reference_scaling
+from lora_ref.lora import lora_scaling as reference_scaling
 from lora_ref.lora import LoRALinear
 
 LAYER_CHECKS = ["02.lora_init", "02.lora_forward", "02.lora_forward_half", "02.lora_merge",

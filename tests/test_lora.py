@@ -9,6 +9,8 @@ import torch.nn as nn
 from lora_ref.lora import (LoRAConfig, LoRALinear, count_parameters, inject_lora, linear_module_names,
                            lora_layers, merge_and_unload, set_adapters_enabled)
 
+from lora_ref import lora
+from lora_ref.models import tiny_llama
 
 def test_hand_worked_forward():
     base = nn.Linear(2, 2, bias=False)
@@ -205,3 +207,49 @@ def test_float64_merge_keeps_float64_precision():
     assert layer.delta_weight().dtype == torch.float64
     layer.merge(); layer.unmerge()
     assert (base.weight - w0).abs().max() < 1e-12     # fp32 arithmetic would leave ~1e-7
+
+
+def test_lora_scaling_is_the_layers_scaling_and_checks_its_inputs():
+    assert lora.lora_scaling(16, 8) == 2.0 and lora.lora_scaling(16, 4, use_rslora=True) == 8.0
+    for r, rs in ((1, False), (7, True), (64, False)):
+        assert LoRALinear(nn.Linear(64, 64), r=r, alpha=16, use_rslora=rs).scaling == lora.lora_scaling(16, r, rs)
+    for bad in (dict(alpha=16, r=0), dict(alpha=0, r=4), dict(alpha=16, r=2.5), dict(alpha=float("nan"), r=2)):
+        with pytest.raises(ValueError):
+            lora.lora_scaling(**bad)
+
+
+def test_merged_weight_promotes_checks_and_is_the_layers_merge():
+    g = torch.Generator().manual_seed(0)
+    W, A, B = (torch.randn(5, 7, generator=g, dtype=torch.float64), torch.randn(3, 7, generator=g, dtype=torch.float64),
+               torch.randn(5, 3, generator=g, dtype=torch.float64))
+    out = lora.merged_weight(W, A, B, 0.5)
+    assert out.dtype == torch.float64 and torch.equal(out, W + 0.5 * (B @ A))     # fp64 is not cast down to fp32
+    torch.testing.assert_close(lora.merged_weight(out, A, B, 0.5, sign=-1.0), W, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        lora.merged_weight(W, A.t(), B, 1.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        lora.merged_weight(W, A, B * float("inf"), 1.0)
+    layer = LoRALinear(nn.Linear(7, 5).to(torch.bfloat16), r=3, alpha=6)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    want = lora.merged_weight(layer.base_layer.weight.detach().clone(), layer.lora_A, layer.lora_B, layer.scaling)
+    layer.merge()
+    assert torch.equal(layer.base_layer.weight, want) and want.dtype == torch.bfloat16
+
+
+def test_select_targets_and_trainable_params_match_injection():
+    for targets in (("q_proj", "v_proj"), "all-linear", ("down_proj",)):
+        model = tiny_llama(seed=1)
+        names, n = lora.select_targets(model, targets), lora.lora_trainable_params(model, targets, 4)
+        assert not lora.lora_layers(model)                                  # neither touches the model
+        injected = lora.inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=targets))
+        assert names == sorted(lora.lora_layers(injected)) and n == lora.count_parameters(injected).trainable
+    with pytest.raises(ValueError, match="match no linear layer"):
+        lora.select_targets(tiny_llama(seed=1), ("query",))
+
+
+def test_set_submodule_replaces_by_dotted_path():
+    model = tiny_llama(seed=1)
+    new = nn.Identity()
+    lora.set_submodule(model, "model.layers.0.mlp.up_proj", new)
+    assert model.get_submodule("model.layers.0.mlp.up_proj") is new

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora_ref import lora, qlora, quant
+from lora_ref.serving import export_merged_model
 
 bnb = pytest.importorskip("bitsandbytes")
 bnb_F = bnb.functional
@@ -258,7 +259,7 @@ def test_merge_for_deployment_matches_adapter_model_and_exports(tmp_path):
     ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         adapted = model(ids).logits
-    path = qlora.export_merged(model, tmp_path / "merged", dtype=torch.float32)
+    path = export_merged_model(model, tmp_path / "merged", dtype=torch.float32, in_place=True)
     assert not lora.lora_layers(model) and not any(isinstance(m, qlora.Linear4bit) for m in model.modules())
     with torch.no_grad():
         merged = model(ids).logits

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from lora_ref.adapters import save_adapter
-from lora_ref.lora import LoRAConfig, inject_lora, lora_layers
+from lora_ref.lora import LoRAConfig, inject_lora, lora_layers, merged_weight
 from lora_ref.models import tiny_llama
 from lora_ref.serving import (AdapterServer, AdapterWeights, MultiLoRALinear, adapter_from_model,
-                              batched_lora_delta, compare_latency, export_merged_model, measure_latency, merged_copy, merged_weight,
+                              batched_lora_delta, compare_latency, export_merged_model, measure_latency, merged_copy,
                               read_peft_adapter)
 
 

@@ -4,7 +4,7 @@
   shapes (float32, float64, bfloat16), with a clear gap between singular values so that the best rank-r
   approximation is unique;
 - ``lora_param_count(hidden, intermediate, n_layers, n_heads, n_kv_heads, r, targets)`` against
-  lora_ref.memory.lora_param_count on real model shapes (multi-head and grouped-query attention).
+  lora_ref.memory.lora_param_count_for_dims on real model shapes (multi-head and grouped-query attention).
 """
 from __future__ import annotations
 
@@ -16,13 +16,6 @@ from lora_ref import lowrank, memory
 from lora_ref.exercises import Case, Exercise, register
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-
-
-def reference_lora_param_count(hidden: int, intermediate: int, n_layers: int, n_heads: int, n_kv_heads: int,
-                               r: int, targets=("q_proj", "v_proj")) -> int:
-    """lora_ref.memory.lora_param_count with the model shape given as numbers (vocab plays no part)."""
-    shape = memory.ModelShape("exercise", hidden, intermediate, n_layers, n_heads, n_kv_heads, vocab=1)
-    return memory.lora_param_count(shape, r, tuple(targets))
 
 
 def _matrix(case: Case) -> torch.Tensor:
@@ -90,5 +83,5 @@ register(Exercise(id="01.best_rank_r_half", symbol="best_rank_r", reference=lowr
 register(Exercise(id="01.energy_spectrum", symbol="energy_spectrum", reference=lowrank.energy_spectrum,
                   cases=lambda: _matrix_cases(13, ["float32", "float64", "bfloat16"], 12),
                   run=_run_energy, atol=1e-5, rtol=1e-4))
-register(Exercise(id="01.lora_param_count", symbol="lora_param_count", reference=reference_lora_param_count,
+register(Exercise(id="01.lora_param_count", symbol="lora_param_count", reference=memory.lora_param_count_for_dims,
                   cases=_count_cases, run=_run_count, atol=0.0, rtol=0.0))

@@ -17,16 +17,11 @@ import torch
 import torch.nn as nn
 
 from lora_ref.exercises import Case, Exercise, register
-from lora_ref.lora import LoRALinear
+from lora_ref.lora import LoRALinear, lora_scaling
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64,
            "bfloat16": torch.bfloat16, "float16": torch.float16}
 HALF_ATOL, HALF_RTOL = 3e-2, 2e-2
-
-
-def reference_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
-    """lora_ref's scaling, read off a LoRALinear (the reference keeps it as an attribute, not a function)."""
-    return LoRALinear(nn.Linear(r, r), r=r, alpha=alpha, use_rslora=use_rslora).scaling
 
 
 def _scaling_cases() -> list[Case]:
@@ -133,7 +128,7 @@ def _run_merge(cls, case: Case) -> dict[str, torch.Tensor]:
             "weight_unmerged": base.weight.detach().clone(), "unmerged_flag": torch.tensor(bool(layer.merged))}
 
 
-register(Exercise(id="02.lora_scaling", symbol="lora_scaling", reference=reference_scaling,
+register(Exercise(id="02.lora_scaling", symbol="lora_scaling", reference=lora_scaling,
                   cases=_scaling_cases, run=_run_scaling, atol=1e-12, rtol=1e-12))
 register(Exercise(id="02.lora_init", symbol="LoRALinear", reference=LoRALinear,
                   cases=lambda: _layer_cases(21, ["float32", "float64", "bfloat16", "float16"], 12),

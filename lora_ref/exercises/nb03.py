@@ -3,9 +3,9 @@
 The learner writes four functions; each is compared with the lora_ref code that does the same job:
 
 * ``select_targets(model, target_modules)``: the full names of the linear layers LoRA will wrap, sorted
-  (reference: the layers :func:`lora_ref.lora.inject_lora` wraps in a copy of the model);
+  (reference: :func:`lora_ref.lora.select_targets`, the choice :func:`lora_ref.lora.inject_lora` makes);
 * ``lora_trainable_params(model, target_modules, r)``: r (in + out) summed over those layers
-  (reference: :func:`lora_ref.lora.count_parameters` after injection);
+  (reference: :func:`lora_ref.lora.lora_trainable_params`);
 * ``answer_only_labels(prompt_ids, completion_ids, eos_id)``: :func:`lora_ref.data.answer_only_labels`;
 * ``collate(batch, pad_id)``: :func:`lora_ref.data.collate`.
 
@@ -14,14 +14,13 @@ are short names or ``"all-linear"``. A bad target must raise ValueError in both 
 """
 from __future__ import annotations
 
-import copy
 import random
 
 import torch
 
 from lora_ref import data
 from lora_ref.exercises import Case, Exercise, register
-from lora_ref.lora import LoRAConfig, count_parameters, inject_lora, lora_layers
+from lora_ref.lora import lora_trainable_params, select_targets
 
 _TARGETS = [("q_proj", "v_proj"), "all-linear", ("down_proj",), ("k_proj", "o_proj", "up_proj"),
             ("gate_proj", "q_proj"), ("v_proj",), ("query", "v_proj"), ("lm_head_typo",)]
@@ -41,16 +40,6 @@ def _model_cases(seed: int, n: int) -> list[Case]:
                           inter=rng.choice([48, 96, 128]), kv=rng.choice([1, 2, 4]),
                           targets=_TARGETS[i % len(_TARGETS)], r=rng.choice([1, 2, 4, 8])))
     return cases
-
-
-def reference_select_targets(model, target_modules) -> list[str]:
-    """The names inject_lora wraps, found by injecting into a throw-away copy."""
-    return sorted(lora_layers(inject_lora(copy.deepcopy(model), LoRAConfig(target_modules=target_modules))))
-
-
-def reference_lora_trainable_params(model, target_modules, r: int) -> int:
-    clone = inject_lora(copy.deepcopy(model), LoRAConfig(r=r, alpha=2 * r, target_modules=target_modules))
-    return count_parameters(clone).trainable
 
 
 def _raised(fn, *args) -> tuple[bool, object]:
@@ -126,10 +115,10 @@ def _run_collate(fn, case: Case) -> dict[str, torch.Tensor]:
     return {k: torch.as_tensor(out[k]) for k in ("input_ids", "attention_mask", "labels")}
 
 
-register(Exercise(id="03.select_targets", symbol="select_targets", reference=reference_select_targets,
+register(Exercise(id="03.select_targets", symbol="select_targets", reference=select_targets,
                   cases=lambda: _model_cases(300, 8), run=_run_select))
 register(Exercise(id="03.lora_trainable_params", symbol="lora_trainable_params",
-                  reference=reference_lora_trainable_params, cases=lambda: _model_cases(310, 8), run=_run_count))
+                  reference=lora_trainable_params, cases=lambda: _model_cases(310, 8), run=_run_count))
 register(Exercise(id="03.answer_only_labels", symbol="answer_only_labels", reference=data.answer_only_labels,
                   cases=_label_cases, run=_run_labels))
 register(Exercise(id="03.collate", symbol="collate", reference=data.collate, cases=_collate_cases,

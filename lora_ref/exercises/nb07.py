@@ -1,7 +1,7 @@
 """Hidden-test cases of notebook 07_merge_and_deploy.
 
 * ``07.merged_weight``      learner's ``merged_weight(W, A, B, scaling, sign=1.0)`` vs
-                            :func:`lora_ref.serving.merged_weight` (fp32/fp64 tight; bf16/fp16 within a rounding step)
+                            :func:`lora_ref.lora.merged_weight` (fp32/fp64 tight; bf16/fp16 within a rounding step)
 * ``07.batched_lora_delta`` learner's ``batched_lora_delta(x, A_all, B_all, s_all, idx)`` vs
                             :func:`lora_ref.serving.batched_lora_delta` (mixed-adapter batches)
 """
@@ -12,7 +12,8 @@ import random
 import torch
 
 from lora_ref.exercises import Case, Exercise, register
-from lora_ref.serving import batched_lora_delta, merged_weight
+from lora_ref.lora import merged_weight
+from lora_ref.serving import batched_lora_delta
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
