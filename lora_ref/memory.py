@@ -239,6 +239,7 @@ def lora_param_count_for_dims(hidden: int, intermediate: int, n_layers: int, n_h
 
 
 def _peft_key_names(shape: ModelShape, targets: tuple[str, ...]) -> list[tuple[str, tuple[int, int]]]:
+    from .adapters import peft_key          # PEFT's key format has one home (adapters.py), both directions
     group = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
     shapes = linear_shapes(shape)
@@ -246,9 +247,9 @@ def _peft_key_names(shape: ModelShape, targets: tuple[str, ...]) -> list[tuple[s
     for layer in range(shape.n_layers):
         for t in targets:
             o, i = shapes[t]
-            stem = f"base_model.model.model.layers.{layer}.{group[t]}.{t}"
-            out.append((f"{stem}.lora_A.weight", (0, i)))   # (r, in); r filled in below
-            out.append((f"{stem}.lora_B.weight", (o, 0)))   # (out, r)
+            path = f"model.layers.{layer}.{group[t]}.{t}"
+            out.append((peft_key(path, "A"), (0, i)))       # (r, in); r filled in below
+            out.append((peft_key(path, "B"), (o, 0)))       # (out, r)
     return out
 
 

@@ -355,11 +355,6 @@ def prefix_tuning_params(n: int, num_layers: int, kv_dim: int, d: int | None = N
     return n * d + d * h + h + h * width + width, kept
 
 
-def lora_params(layer_shapes: list[tuple[int, int]], r: int) -> int:
-    """sum over adapted (out, in) layers of r (in + out)."""
-    return sum(r * (i + o) for o, i in layer_shapes)
-
-
 def token_weighted_perplexity(batch_losses: list[float], batch_tokens: list[int]) -> float:
     """exp( sum_b loss_b n_b / sum_b n_b ): the perplexity of the whole evaluation set.
 
