@@ -462,11 +462,19 @@ class FastQLoRALinear(nn.Module):
     as in ``lora_ref.lora.LoRALinear`` (kaiming-uniform A, zero B), fp32 by default. Buffers: ``packed``;
     the block constants live in ``lay`` (they follow ``.to(device)`` but are not in the state dict: for
     files and merging use ``lora_ref.qlora`` and ``lora_ref.adapters``; this class serves speed).
+
+    Scaling: alpha / r, or alpha / sqrt(r) with ``use_rslora=True`` (rsLoRA, arXiv 2312.03732), as
+    ``lora_ref.lora.LoRALinear``. Dropout on the adapter's input is NOT supported: the fused node saves
+    x once for both base and adapter, and a dropout mask would need a second saved copy of x, so
+    ``dropout != 0`` raises a ValueError (``lora_ref.qlora.QLoRALinear`` supports it).
     """
 
     def __init__(self, packed: torch.Tensor, state, r: int, alpha: float, bias: torch.Tensor | None = None,
-                 adapter_dtype: torch.dtype = torch.float32):
+                 adapter_dtype: torch.dtype = torch.float32, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
+        if dropout:
+            raise ValueError(f"FastQLoRALinear has no adapter dropout (got dropout={dropout!r}): the fused "
+                             "node saves one copy of x for base and adapter; use lora_ref.qlora.QLoRALinear")
         lay = layout_of(state, packed.device)
         if len(lay.shape) != 2:
             raise ValueError(f"a linear weight is 2-D, got shape {lay.shape}")
@@ -474,7 +482,8 @@ class FastQLoRALinear(nn.Module):
         if not isinstance(r, int) or not 1 <= r <= min(in_f, out_f):
             raise ValueError(f"rank r={r!r} must be an integer in [1, {min(in_f, out_f)}]")
         self.in_features, self.out_features, self.r = in_f, out_f, r
-        self.scaling = lora_scaling(alpha, r)
+        self.scaling = lora_scaling(alpha, r, use_rslora)
+        self.use_rslora = bool(use_rslora)
         self.register_buffer("packed", packed)
         self.lay = lay
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
@@ -485,11 +494,11 @@ class FastQLoRALinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float, blocksize: int = 64,
-                    double_quant: bool = True) -> "FastQLoRALinear":
-        from lora_ref.quant import quantize_4bit
-        packed, state = quantize_4bit(linear.weight.data, blocksize=blocksize, quant_type="nf4",
-                                      double_quant=double_quant)
-        return cls(packed, state, r, alpha, linear.bias)
+                    double_quant: bool = True, **kw) -> "FastQLoRALinear":
+        """Quantise ``linear.weight`` to NF4 (chunk by chunk: bounded workspace, same bytes); ``kw`` as __init__."""
+        from lora_ref.qlora import quantize_4bit_in_chunks
+        packed, state = quantize_4bit_in_chunks(linear.weight.data, blocksize, "nf4", double_quant)
+        return cls(packed, state, r, alpha, linear.bias, **kw)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -507,9 +516,10 @@ class FastQLoRALinear(nn.Module):
 
 def quantize_model_fast(model: nn.Module, r: int, alpha: float,
                         targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                        blocksize: int = 64, double_quant: bool = True) -> nn.Module:
+                        blocksize: int = 64, double_quant: bool = True, **kw) -> nn.Module:
     """Replace every targeted ``nn.Linear`` by a :class:`FastQLoRALinear` in place, freeing its 16-bit
-    weight as it goes (one layer at a time, so the peak is the model plus one weight); freeze the rest."""
+    weight as it goes (one layer at a time, so the peak is the model plus one weight); freeze the rest.
+    ``kw`` (``adapter_dtype``, ``use_rslora``, ``dropout``) go to :class:`FastQLoRALinear`."""
     for p in model.parameters():
         p.requires_grad_(False)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
@@ -517,7 +527,7 @@ def quantize_model_fast(model: nn.Module, r: int, alpha: float,
         raise ValueError(f"no nn.Linear named one of {targets} in the model")
     for name in names:
         lin = model.get_submodule(name)
-        set_submodule(model, name, FastQLoRALinear.from_linear(lin, r, alpha, blocksize, double_quant))
+        set_submodule(model, name, FastQLoRALinear.from_linear(lin, r, alpha, blocksize, double_quant, **kw))
         lin.weight = None
         del lin
     return model

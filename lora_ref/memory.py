@@ -554,3 +554,74 @@ def training_memory(shape: ModelShape | str, method: str = "qlora", r: int = 16,
     peak = max(phases, key=phases.get)
     return MemoryBreakdown(method, weights, gradients, optim, phase_act[peak], phases[peak], peak, phases,
                            pb.total, n_train, act)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building the model: the peak before the first training step (why a 70B model needs a streamed build)
+# ----------------------------------------------------------------------------------------------------
+
+QUANT_WORKSPACE_BYTES_PER_VALUE = 25
+"""Temporaries of ``lora_ref.quant.quantize_4bit`` per value quantised at once: an fp32 copy (4), the
+scaled values (4), the level bins (1) and their int64 index and gathered code index (8 + 8)."""
+
+
+@dataclass(frozen=True)
+class BuildMemory:
+    """Peak memory while a QLoRA model is built, in bytes, with its parts (see :func:`build_memory`)."""
+
+    streamed: bool
+    dense_rest: int          # embeddings, lm_head, norms in the 16-bit dtype
+    quantized: int           # the 4-bit layers present at the peak
+    dense_layers: int        # 16-bit linear weights alive at the peak: ALL of them, or one layer's
+    adapters: int            # LoRA parameters created with the layers (fast path) or after them
+    workspace: int           # the quantiser's temporaries for one chunk
+    total: int
+
+    def gb(self, what: str = "total") -> float:
+        return getattr(self, what) / GB
+
+    def __str__(self) -> str:
+        how = "streamed (one 16-bit layer at a time)" if self.streamed else "whole 16-bit model first"
+        return (f"build, {how}: 16-bit rest {self.dense_rest / GB:.2f} GB + 4-bit {self.quantized / GB:.2f} GB"
+                f" + 16-bit linears {self.dense_layers / GB:.2f} GB + adapters {self.adapters / GB:.2f} GB"
+                f" + quantiser workspace {self.workspace / GB:.2f} GB -> peak {self.total / GB:.2f} GB")
+
+
+def build_memory(shape: ModelShape | str, method: str = "qlora", streamed: bool = True, r: int = 16,
+                 targets: str | Iterable[str] = "all-linear", dtype: str | torch.dtype = "bf16",
+                 adapter_dtype: str | torch.dtype = "fp32", blocksize: int = 64, double_quant: bool = True,
+                 quant_chunk: int = 1 << 24) -> BuildMemory:
+    """Peak GPU memory of building a QLoRA model, before training starts.
+
+    ``streamed=False`` (``from_pretrained`` of a 16-bit checkpoint, then quantise): the whole model in c
+    bytes per parameter exists first, c * P (138 GB for Llama-2-70B in bf16); layers are then quantised one
+    by one, each 16-bit weight freed as its 4-bit copy appears, so the peak is c * P + one weight's codes.
+
+    ``streamed=True`` (``lora_ref.qlora.build_quantized``): the peak is at the last layer::
+
+        c * (P - P_linear)  +  (L - 1) * q_layer  +  c * P_layer_linear  +  24..25 B * chunk  +  adapters
+
+    with q_layer the 4-bit bytes of one layer (:func:`quantized_linear_bytes`) and the quantiser's
+    workspace bounded by quantising ``quant_chunk`` values at a time (``qlora.quantize_4bit_in_chunks``).
+    """
+    if method != "qlora":
+        raise ValueError(f"build_memory models a QLoRA build; method={method!r}")
+    s = get_shape(shape)
+    c = dtype_bytes(dtype)
+    pb = param_breakdown(s)
+    mats = list(linear_shapes(s).values())
+    q_layer = sum(quantized_linear_bytes(o * i, blocksize, double_quant) for o, i in mats)
+    dense_layer = c * sum(o * i for o, i in mats)
+    largest = max(o * i for o, i in mats)
+    rest = c * (pb.total - pb.linear)
+    adapters = dtype_bytes(adapter_dtype) * lora_param_count(s, r, targets)
+    if streamed:
+        workspace = QUANT_WORKSPACE_BYTES_PER_VALUE * min(quant_chunk, largest)
+        quantized, dense = (s.n_layers - 1) * q_layer, dense_layer
+        total = rest + quantized + dense + workspace + adapters
+    else:
+        workspace = quantized_linear_bytes(largest, blocksize, double_quant)
+        quantized, dense = 0, c * pb.linear
+        total = rest + dense + workspace
+        adapters = 0                                    # added after the build, once the 16-bit weights are gone
+    return BuildMemory(streamed, rest, quantized, dense, adapters, workspace, total)

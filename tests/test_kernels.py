@@ -195,3 +195,15 @@ def test_fast_module_follows_device_moves():
     m.to("meta")
     assert m.packed.device.type == "meta" and m.lay.absmax.device.type == "meta"
     assert m.lay.code.device.type == "meta" and m.lay.absmax2.device.type == "meta"
+
+
+def test_fast_module_rslora_scaling_and_dropout_refused():
+    """Issue 14/15: rsLoRA is supported (alpha / sqrt(r), as LoRALinear); adapter dropout is refused clearly."""
+    from lora_ref.lora import LoRALinear
+    lin = torch.nn.Linear(64, 32)
+    m = K.FastQLoRALinear.from_linear(lin, r=16, alpha=8.0, use_rslora=True)
+    assert m.scaling == pytest.approx(LoRALinear(torch.nn.Linear(64, 32), r=16, alpha=8.0, use_rslora=True).scaling)
+    assert m.scaling == pytest.approx(8.0 / 4.0)
+    assert K.FastQLoRALinear.from_linear(lin, r=16, alpha=8.0).scaling == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="dropout"):
+        K.FastQLoRALinear.from_linear(lin, r=4, alpha=8.0, dropout=0.1)

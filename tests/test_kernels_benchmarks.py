@@ -44,6 +44,15 @@ def test_qlora_step_small(tmp_path):
         assert r["trainable"] > 0 and r["tokens_per_s"] > 0 and all(map(lambda x: x == x, r["losses"]))
 
 
+def test_qlora_70b_small_streams_the_build(tmp_path):
+    res, out = _run("qlora_70b.py", tmp_path, "--modes", "stream_fast_8bit,stream_lora_ref")
+    for mode in ("stream_fast_8bit", "stream_lora_ref"):
+        r = res["results"][mode]
+        assert "error" not in r, r.get("traceback")
+        assert r["trainable"] > 0 and len(r["step_s_windows"]) == 2 and all(x == x for x in r["losses"])
+    assert all(res["predicted"][m]["build_peak_gb"] > 0 for m in ("recipe", "stream_fast", "stream_lora_ref"))
+
+
 def test_quality_qlora_small_seeds_and_combine(tmp_path):
     """Two seeds in one process, one more in another, merged with --combine: the gap is the mean over seeds."""
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"

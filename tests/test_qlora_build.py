@@ -135,3 +135,22 @@ def test_smollm2_streamed_from_safetensors_equals_load_then_quantise():
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(built(ids).logits, eager(ids).logits)
+
+
+def test_build_memory_counts_what_the_streamed_build_holds():
+    """memory.build_memory: parts checked by hand on Llama-2-70B (the H200 run in benchmarks/results/
+    qlora_70b_llama-2-70b_h200.json holds the totals against max_memory_allocated)."""
+    from lora_ref import memory as M
+    s = M.get_shape("llama-2-70b")
+    pb = M.param_breakdown(s)
+    whole = M.build_memory(s, streamed=False)
+    assert whole.dense_layers == 2 * pb.linear and whole.dense_rest == 2 * (pb.total - pb.linear)
+    assert whole.total > 2 * pb.total > 137e9                       # the whole bf16 model: no 48 GB card
+    st = M.build_memory(s, streamed=True)
+    one_layer = 2 * sum(o * i for o, i in M.linear_shapes(s).values())
+    assert st.dense_layers == one_layer == 2 * pb.linear // 80
+    assert st.workspace == M.QUANT_WORKSPACE_BYTES_PER_VALUE * (1 << 24)
+    assert st.adapters == 4 * M.lora_param_count(s, 16)
+    assert 35e9 < st.total < 41e9 and "streamed" in str(st)
+    with pytest.raises(ValueError):
+        M.build_memory(s, method="lora")
