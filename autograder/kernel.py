@@ -4,16 +4,18 @@
 ``autograder-sandbox`` whose argv is ``python -m autograder.kernel -f {connection_file}``. This module
 then, before ipykernel exists (the process is still single-threaded):
 
-- enters the sandbox (:func:`autograder.sandbox.enter`): limits, read-only file system except the
-  autograded copy (the kernel's working folder) and the scratch folder, audit hook, parent watchdog;
-- writes its pid to ``<scratch>/kernel.pid`` so the grading worker can kill the kernel's process group
-  when the submission runs out of wall time;
+- it was started through :func:`autograder.sandbox.command` (the kernelspec's argv): fresh user, mount,
+  PID and network namespaces (it talks to nbgrader over unix sockets in its runtime folder);
+- enters the sandbox (:func:`autograder.sandbox.enter`) with the plan the worker put in
+  ``AUTOGRADER_PLAN``: only its own scratch folder visible and writable (its working folder is there; the
+  autograded copy with the hidden tests is not visible), caches read-only, limits, audit hook. The worker
+  owns this process (its launcher is the worker's child): no pid file;
 - caps what one cell may print (``AUTOGRADER_OUTPUT_BYTES``, default 1 MB; the rest is replaced by one
   line), so a cell printing in a loop cannot exhaust the grader's memory;
 - records which cell starts (``<scratch>/progress.json``), so a cell that kills the kernel (``os._exit``,
   a segfault) can be named in the result; on the retry, cells whose source hash is listed in
   ``<scratch>/skip.json`` are replaced by a ``raise`` before they run (an input transformer), so the rest
-  of the notebook is graded and the crashing cell scores zero. Test cells cannot be edited by the learner
+  of the notebook is graded and the crashing cell scores zero (the list comes in ``AUTOGRADER_SKIP``). Test cells cannot be edited by the learner
   (nbgrader restores them), so this is the only way to get past a test cell that calls a crashing answer.
 
 Configuration comes from the environment of the grading worker: ``AUTOGRADER_SCRATCH`` (required),
@@ -53,13 +55,13 @@ class CappedStream:
 
 
 def main() -> None:
+    from autograder import layout
+    from autograder.contracts import Limits
+
     scratch = Path(os.environ["AUTOGRADER_SCRATCH"]).resolve()
-    cwd = Path.cwd().resolve()
-    scratch.mkdir(parents=True, exist_ok=True)
-    report, auditor = sandbox.enter(cwd, scratch, sandbox.Limits.from_env())
-    (scratch / "kernel.pid").write_text(str(os.getpid()))
-    (scratch / "containment.json").write_text(json.dumps(report.__dict__))
-    sandbox.watch_parent()
+    plan = sandbox.Plan.from_env(os.environ.get("AUTOGRADER_PLAN") or json.dumps({"writable": [str(scratch)]}))
+    report, auditor = sandbox.enter(plan, Limits.from_env(), scratch / "audit.jsonl")
+    layout.kernel_containment(scratch).write_text(json.dumps({"isolation": report.isolation, **report.__dict__}))
     auditor.install()
 
     from ipykernel.kernelapp import IPKernelApp
@@ -69,9 +71,8 @@ def main() -> None:
     cap = int(os.environ.get("AUTOGRADER_OUTPUT_BYTES", 1_000_000))
     streams = [CappedStream(sys.stdout, cap), CappedStream(sys.stderr, cap)]
     sys.stdout, sys.stderr = streams
-    progress = scratch / "progress.json"
-    skip_file = scratch / "skip.json"
-    skip = set(json.loads(skip_file.read_text())) if skip_file.exists() else set()
+    progress = layout.kernel_progress(scratch)
+    skip = set(json.loads(os.environ.get("AUTOGRADER_SKIP") or "[]"))
 
     def pre_run_cell(info) -> None:
         auditor.active = True

@@ -1,25 +1,34 @@
-"""Containment for learner code: resource limits, a read-only file system, and an audit trail.
+"""Containment for learner code: namespaces, a file system that shows only the submission's own folders,
+resource limits, and an audit trail.
 
-Learner code runs in two kinds of processes, both set up by :func:`enter`: the notebook kernel that
-``nbgrader autograde`` starts (see :mod:`autograder.kernel`) and the judge (see :mod:`autograder.judge`).
-Each gets, before any learner code runs:
+Learner code runs in two kinds of processes: the notebook kernel that ``nbgrader autograde`` starts (see
+:mod:`autograder.kernel`) and the judge's harness (see :mod:`autograder.harness`). Both are started
+through :func:`command`, which puts them in fresh namespaces in one ``unshare`` call:
 
-1. Resource limits (``resource.setrlimit``): address space (``--memory-mb``), CPU seconds (a backstop
-   for the wall-time limit the parent enforces), largest file written (``RLIMIT_FSIZE``; SIGXFSZ is
-   ignored so an over-large write raises ``OSError(EFBIG)`` instead of killing the process).
-2. A private user + mount namespace in which every mount is remounted read-only except the sandbox
-   folders (the autograded copy and a scratch folder). Writes anywhere else fail with EROFS, so a
-   learner cannot touch the course, the gradebook, other students' files or the reference package.
-   Needs unprivileged user namespaces (Linux); where they are missing, :func:`enter` falls back to
-   blocking those writes from the audit hook (weaker: ctypes or a C extension can get around it) and
-   says so in the returned report.
-3. A PEP 578 audit hook, which learner code cannot remove, that records what the process tried:
-   writes or deletions outside the sandbox, new processes, ctypes, imports of blocked packages, reads
-   of blocked files. Records go to ``<scratch>/audit.jsonl``; the parent turns them into the audit report.
-4. Folders the learner has no business reading (the instructor's notebooks, other students' submissions
-   and originals) are covered by an empty read-only tmpfs inside the namespace.
-5. A watchdog thread that kills the process group when the parent process dies, so no kernel outlives
-   the grading run.
+- **user** (the process is root only inside; outside it has the grader's uid and nothing more);
+- **PID** (it sees only its own processes, is pid 1 of its namespace, and every process it starts dies
+  with it: ``--kill-child`` and ``setpriv --pdeathsig`` tie its life to the process that started it, so
+  the worker ends the whole namespace by killing the one child it started);
+- **network** (no interface but a loopback that is down: nothing leaves, nothing on the host is reached);
+- **mount**, in which :func:`enter` then, before any learner code runs:
+
+  1. covers every folder of :attr:`Plan.hidden` (the grading output folder with its gradebook, reference
+     outputs, autograded copies, other submissions' scratch; the instructor's notebooks; the
+     submissions; for the judge also the repository and the reference package) with an empty tmpfs,
+     then binds back the few folders of :attr:`Plan.expose` that the process needs (its own scratch,
+     read-only caches, the virtual environment);
+  2. remounts every mount read-only except the folders of :attr:`Plan.writable`;
+  3. enters a second, nested user + mount namespace, in which the kernel locks every mount (``MNT_LOCKED``:
+     a process that is root there cannot unmount a cover or remount a read-only mount writable), and
+     sets ``PR_SET_NO_NEW_PRIVS``;
+  4. applies the resource limits (:func:`apply_limits`): address space, CPU seconds, largest file,
+     processes (``RLIMIT_NPROC``, a backstop), no core files;
+  5. installs a PEP 578 audit hook (:class:`Auditor`) that records what learner code tries (evidence for
+     the audit report; integrity does not depend on it).
+
+Where user namespaces are unavailable (:func:`available` says why), nothing of this holds but the limits
+and the audit hook: the grading run refuses to start unless the instructor accepts it explicitly, and every
+result says so (``Result.containment``).
 """
 from __future__ import annotations
 
@@ -28,15 +37,21 @@ import ctypes.util
 import json
 import os
 import resource
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from autograder.contracts import Limits
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
+PR_SET_NO_NEW_PRIVS = 38
+O_PATH = getattr(os, "O_PATH", 0o10000000)
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MS_NOATIME, MS_NODIRATIME, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
@@ -48,38 +63,69 @@ PATH_EVENTS = {"os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.chmod", "os
                "os.link", "os.truncate", "os.utime", "shutil.rmtree", "shutil.move", "shutil.copyfile"}
 PROCESS_EVENTS = {"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
                   "os.forkpty", "pty.spawn"}
+UNSHARE = ["unshare", "--user", "--map-root-user", "--mount", "--pid", "--fork", "--net", "--mount-proc",
+           "--kill-child"]
+NAMESPACES = "namespaces"      # Job.isolation / Report.isolation when all of the above holds
+NO_ISOLATION = "none: learner code ran WITHOUT namespaces (no PID, network or file-system isolation)"
 
 
 @dataclass
-class Limits:
-    """Per-process limits. ``memory_mb`` bounds the address space (torch alone maps about 650 MB)."""
-    memory_mb: int = 4096
-    cpu_seconds: int = 1800
-    file_mb: int = 256
+class Plan:
+    """What a sandboxed process may see and write (absolute paths; see the module docstring)."""
+    writable: list[str] = field(default_factory=list)
+    hidden: list[str] = field(default_factory=list)
+    expose: list[str] = field(default_factory=list)
+    cwd: str = ""
 
-    def __post_init__(self) -> None:
-        if self.memory_mb < 1024:
-            raise ValueError(f"memory_mb={self.memory_mb} is too small: importing torch needs about 1024 MB")
-        if self.cpu_seconds <= 0 or self.file_mb <= 0:
-            raise ValueError(f"cpu_seconds={self.cpu_seconds} and file_mb={self.file_mb} must be positive")
-
-    def as_env(self) -> dict[str, str]:
-        return {"AUTOGRADER_MEMORY_MB": str(self.memory_mb), "AUTOGRADER_CPU_S": str(self.cpu_seconds),
-                "AUTOGRADER_FILE_MB": str(self.file_mb)}
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
 
     @classmethod
-    def from_env(cls) -> "Limits":
-        return cls(int(os.environ.get("AUTOGRADER_MEMORY_MB", 4096)), int(os.environ.get("AUTOGRADER_CPU_S", 1800)),
-                   int(os.environ.get("AUTOGRADER_FILE_MB", 256)))
+    def from_env(cls, text: str) -> "Plan":
+        return cls(**json.loads(text))
 
 
 @dataclass
 class Report:
+    """What :func:`enter` achieved; ``isolation`` is :data:`NAMESPACES` only when everything held."""
     namespace: bool = False
     namespace_error: str = ""
+    pid_namespace: bool = False
+    net_namespace: bool = False
+    locked: bool = False
     readonly_mounts: int = 0
     writable: list[str] = field(default_factory=list)
     hidden: list[str] = field(default_factory=list)
+    exposed: list[str] = field(default_factory=list)
+
+    @property
+    def isolation(self) -> str:
+        ok = self.namespace and self.pid_namespace and self.net_namespace and self.locked
+        return NAMESPACES if ok else f"{NO_ISOLATION} ({self.namespace_error or 'incomplete'})"
+
+
+def command(argv: list[str], isolated: bool = True) -> list[str]:
+    """The argv that runs ``python <argv>`` in fresh user, mount, PID and network namespaces, dying with
+    the process that starts it (``setpriv --pdeathsig``: even a SIGKILLed worker takes its sandboxes along)."""
+    if not isolated:
+        return [sys.executable, *argv]
+    return ["setpriv", "--pdeathsig", "KILL", *UNSHARE, "--", sys.executable, *argv]
+
+
+def available() -> str:
+    """'' when :func:`command` works here, else why not (checked by running it once)."""
+    for tool in ("unshare", "setpriv"):
+        if shutil.which(tool) is None:
+            return f"{tool} (util-linux) is not installed"
+    probe = "import os,socket; assert os.getpid() == 1; socket.create_connection(('127.0.0.1', 9), 1)"
+    try:
+        proc = subprocess.run(command(["-c", f"import os\ntry:\n {probe}\nexcept OSError: os._exit(0)\nos._exit(3)"]),
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unshare failed: {exc}"
+    if proc.returncode != 0:
+        return f"unshare failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-300:]}"
+    return ""
 
 
 def apply_limits(limits: Limits) -> None:
@@ -89,17 +135,19 @@ def apply_limits(limits: Limits) -> None:
     fsize = limits.file_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NPROC, (limits.nproc, limits.nproc))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
-# -- read-only file system through a user + mount namespace ------------------------------------------
+# -- the file system: hide, expose, read-only, lock ------------------------------------------------------
 
 def _libc():
     return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 
-def _mount(libc, source: str | None, target: str, flags: int) -> None:
-    rc = libc.mount(source.encode() if source else None, target.encode(), None, ctypes.c_ulong(flags), None)
+def _mount(libc, source, target: str, flags: int, fstype: bytes | None = None, data: bytes | None = None) -> None:
+    src = source.encode() if isinstance(source, str) else source
+    rc = libc.mount(src, target.encode(), fstype, ctypes.c_ulong(flags), data)
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {target}: {os.strerror(err)}")
@@ -120,37 +168,47 @@ def _mount_points() -> list[tuple[str, set[str]]]:
     return points
 
 
-def readonly_namespace(writable: list[Path], hidden: list[Path] = ()) -> Report:
-    """Enter a new user + mount namespace where only ``writable`` folders can be written and the
-    ``hidden`` folders look empty (an empty read-only tmpfs is mounted over each: the instructor's
-    notebooks, other students' submissions and originals).
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
-    Must run while the process has a single thread (``unshare(CLONE_NEWUSER)`` requires it).
-    """
-    report = Report(writable=[str(p) for p in writable])
-    libc = _libc()
+
+def _new_userns(libc) -> None:
+    """unshare a user + mount namespace mapping our uid and gid to themselves (0 inside -> 0)."""
     uid, gid = os.getuid(), os.getgid()
     if libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:
-        report.namespace_error = f"unshare: {os.strerror(ctypes.get_errno())}"
-        return report
+        raise OSError(ctypes.get_errno(), f"unshare: {os.strerror(ctypes.get_errno())}")
     _write("/proc/self/setgroups", "deny")
-    _write("/proc/self/uid_map", f"0 {uid} 1")
-    _write("/proc/self/gid_map", f"0 {gid} 1")
-    _mount(libc, None, "/", MS_REC | MS_PRIVATE)
+    _write("/proc/self/uid_map", f"{uid} {uid} 1")
+    _write("/proc/self/gid_map", f"{gid} {gid} 1")
+
+
+def build_mounts(plan: Plan, report: Report) -> None:
+    """Steps 1-3 of the module docstring, in the mount namespace ``unshare`` gave this process."""
+    libc = _libc()
+    keep = [str(Path(p).resolve()) for p in plan.writable]
+    show = [str(Path(p).resolve()) for p in plan.expose] + keep
+    show = [p for p in dict.fromkeys(show) if os.path.isdir(p)]
+    fds = {p: os.open(p, O_PATH | os.O_DIRECTORY) for p in show}     # reach them once they are covered
+    hidden = sorted({str(Path(p).resolve()) for p in plan.hidden if os.path.isdir(p)}, key=len)
+    covers = []
     for folder in hidden:
-        folder = Path(folder)
-        if folder.is_dir() and not any(Path(w).resolve().is_relative_to(folder.resolve()) for w in writable):
-            rc = libc.mount(b"tmpfs", str(folder.resolve()).encode(), b"tmpfs", ctypes.c_ulong(MS_RDONLY), b"size=4k")
-            if rc == 0:
-                report.hidden.append(str(folder))
-    keep = set()
-    for folder in writable:
-        folder = str(Path(folder).resolve())
-        _mount(libc, folder, folder, MS_BIND | MS_REC)
-        keep.add(folder)
+        if any(_inside(folder, c) for c in covers) or folder in show:
+            continue              # already covered (or needed: then it is exposed, not hidden)
+        _mount(libc, b"tmpfs", folder, MS_NOSUID | MS_NODEV, b"tmpfs", b"size=64k,mode=755")
+        covers.append(folder)
+        report.hidden.append(folder)
+    for path in sorted(show, key=len):
+        if any(_inside(path, c) for c in covers):
+            os.makedirs(path, exist_ok=True)                            # a mount point inside the cover
+            _mount(libc, f"/proc/self/fd/{fds[path]}", path, MS_BIND | MS_REC)
+            report.exposed.append(path)
+        elif path in keep:
+            _mount(libc, path, path, MS_BIND | MS_REC)                 # its own mount, so it stays writable
+    for fd in fds.values():
+        os.close(fd)
     for target, options in _mount_points():
-        if target in keep:
-            continue
+        if target in keep or _inside(target, "/proc"):
+            continue      # /proc: this PID namespace's own (``--mount-proc``); the uid map is written there
         flags = MS_REMOUNT | MS_BIND | MS_RDONLY
         for name, bit in _OPTION_FLAGS.items():
             if name in options:
@@ -160,11 +218,33 @@ def readonly_namespace(writable: list[Path], hidden: list[Path] = ()) -> Report:
             report.readonly_mounts += 1
         except OSError:
             pass  # /proc and a few pseudo file systems refuse; nothing there is ours to protect
-    report.namespace = True
-    # the working directory still points into the old (now read-only) mount: enter it again by path,
-    # which resolves through the new writable bind mount when it is one of ``writable``
-    os.chdir(os.getcwd())
-    return report
+    _new_userns(libc)              # every mount above is now locked (MNT_LOCKED, MNT_LOCK_READONLY)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    report.locked = True
+    report.writable = keep
+    os.chdir(plan.cwd or os.getcwd())
+
+
+def _in_fresh_namespaces(report: Report) -> None:
+    """Did ``unshare`` start us? (pid 1 of a PID namespace; no network interface up)."""
+    report.pid_namespace = os.getpid() == 1
+    try:
+        with open("/proc/net/dev") as f:
+            others = [l for l in f.read().splitlines()[2:] if l.split(":")[0].strip() != "lo"]
+        import socket
+        probe = socket.socket()
+        probe.settimeout(1)
+        try:
+            probe.connect(("127.0.0.1", 9))
+            lo_down = False
+        except OSError as exc:
+            lo_down = exc.errno == 101       # ENETUNREACH: loopback down, not merely a closed port
+        finally:
+            probe.close()
+        report.net_namespace = not others and lo_down
+    except OSError:
+        report.net_namespace = False
 
 
 # -- audit hook -----------------------------------------------------------------------------------------
@@ -295,54 +375,45 @@ def _short(args: tuple) -> str:
     return text if len(text) < 200 else text[:200] + "...)"
 
 
-# -- watchdog ---------------------------------------------------------------------------------------------
+def enter(plan: Plan, limits: Limits, log_path: Path, **auditor_kwargs) -> tuple[Report, Auditor]:
+    """Set up containment for the current process (call it single-threaded, before any learner code).
 
-def watch_parent(interval: float = 0.5) -> None:
-    """Kill this process group when the parent dies (a daemon thread; survives learner code)."""
-    parent = os.getppid()
-
-    def loop() -> None:
-        while True:
-            time.sleep(interval)
-            if os.getppid() != parent:
-                try:
-                    os.killpg(os.getpgrp(), signal.SIGKILL)
-                finally:
-                    os._exit(137)
-
-    threading.Thread(target=loop, name="autograder-watchdog", daemon=True).start()
-
-
-def enter(sandbox: Path, scratch: Path, limits: Limits, hidden: list[Path] = (), **auditor_kwargs) -> tuple[Report, Auditor]:
-    """Set up containment for the current process (call first thing, single-threaded).
-
-    ``hidden`` defaults to the folders listed (``os.pathsep``-separated) in ``AUTOGRADER_HIDDEN``."""
-    writable = [sandbox, scratch]
-    if not hidden:
-        hidden = [Path(p) for p in os.environ.get("AUTOGRADER_HIDDEN", "").split(os.pathsep) if p]
-    report = Report(writable=[str(p) for p in writable])
-    if os.environ.get("AUTOGRADER_NO_NAMESPACE") != "1":
-        try:
-            report = readonly_namespace(writable, hidden)
-        except OSError as exc:
-            report.namespace_error = str(exc)
+    In namespaces (the process was started through :func:`command`), a failure to build the file
+    system raises: learner code must not run half-isolated. Without them (``AUTOGRADER_ISOLATION=none``,
+    the instructor's explicit choice) the audit hook blocks writes outside ``plan.writable`` instead
+    (weak: ctypes gets around it) and the report says so."""
+    report = Report(writable=list(plan.writable))
+    _in_fresh_namespaces(report)
+    if os.environ.get("AUTOGRADER_ISOLATION", NAMESPACES) == NAMESPACES:
+        if not report.pid_namespace:
+            raise RuntimeError("autograder sandbox: not started in a PID namespace (use sandbox.command)")
+        build_mounts(plan, report)
+        report.namespace = True
     else:
-        report.namespace_error = "disabled by AUTOGRADER_NO_NAMESPACE=1"
-    auditor = Auditor(scratch / "audit.jsonl", writable, block_writes=not report.namespace, **auditor_kwargs)
-    if not report.namespace:
-        auditor.record("containment", f"no read-only namespace ({report.namespace_error}); writes blocked by the audit hook only")
+        report.namespace_error = "the instructor chose to grade without namespaces"
+        if plan.cwd:
+            os.chdir(plan.cwd)
+    auditor = Auditor(log_path, [Path(p) for p in plan.writable], block_writes=not report.namespace, **auditor_kwargs)
+    if report.isolation != NAMESPACES:
+        auditor.record("containment", report.isolation)
     apply_limits(limits)
     return report, auditor
 
 
-def read_audit_log(scratch: Path) -> list[dict]:
-    path = scratch / "audit.jsonl"
-    if not path.exists():
+def read_audit_log(folder: Path, limit: int = 1000) -> list[dict]:
+    """The records of ``<folder>/audit.jsonl``, opened without following a symlink the learner may have
+    put there (and read at most 1 MB)."""
+    try:
+        fd = os.open(Path(folder) / "audit.jsonl", os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
         return []
+    with os.fdopen(fd, "rb") as f:
+        text = f.read(1_000_000).decode(errors="replace")
     records = []
-    for line in path.read_text(errors="replace").splitlines()[:1000]:
+    for line in text.splitlines()[:limit]:
         try:
-            records.append(json.loads(line))
+            rec = json.loads(line)
+            records.append(rec if isinstance(rec, dict) else {"kind": "garbled", "detail": line[:200]})
         except json.JSONDecodeError:
             records.append({"kind": "garbled", "detail": line[:200]})
     return records
