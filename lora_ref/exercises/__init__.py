@@ -79,7 +79,47 @@ def get(exercise_id: str) -> Exercise:
 
 
 def describe(case: Case) -> str:
-    return ", ".join(f"{k}={v}" for k, v in case.items())
+    return ", ".join(f"{k}={v}" for k, v in case.items() if not k.startswith("_"))
+
+
+GIVEN_ONLY = False     # set by the judge's harness, where lora_ref is sealed off: inputs must come in the case
+
+
+def given(case: Case, name: str, make: Callable[[], Any]) -> Any:
+    """An input of a ``run`` that needs lora_ref to make (a codebook, packed codes): ``make()`` here, but
+    in the judge it was made in the grader's process and travels in ``case["_given"]`` (the process that
+    runs learner code holds nothing of lora_ref). :func:`draw_cases` fills ``_given`` by running the
+    reference once."""
+    store = case.get("_given")
+    if store is not None and name in store:
+        value = store[name]
+        return value.clone() if isinstance(value, torch.Tensor) else value
+    if GIVEN_ONLY:
+        raise RuntimeError(f"input {name!r} was not made by the grader")
+    value = make()
+    if store is not None:
+        store[name] = value
+    return value
+
+
+def draw_cases(ex: Exercise, secret: int | None = None) -> list[Case]:
+    """The judge's cases: with a ``secret`` (drawn per grading run), exercises whose ``cases`` take a
+    ``seed`` draw new ones from it, so no table of outputs can be prepared; without, the fixed cases the
+    notebook's hidden test uses. Each case gets ``_given``, filled by running the reference on it."""
+    import hashlib
+    import inspect
+
+    if secret is not None and "seed" in inspect.signature(ex.cases).parameters:
+        seed = int.from_bytes(hashlib.sha256(f"{secret}:{ex.id}".encode()).digest()[:4], "little")
+        cases = ex.cases(seed=seed)
+    else:
+        cases = ex.cases()
+    out = []
+    for case in cases:
+        case = dict(case, _given={})
+        ex.run(ex.reference, case)
+        out.append(case)
+    return out
 
 
 def compare(ex: Exercise, case: Case, got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:

@@ -24,8 +24,8 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64,
 HALF_ATOL, HALF_RTOL = 3e-2, 2e-2
 
 
-def _scaling_cases() -> list[Case]:
-    rng = random.Random(2021)
+def _scaling_cases(seed: int = 2021) -> list[Case]:
+    rng = random.Random(seed)
     cases = []
     for i in range(8):
         r = rng.choice([1, 2, 4, 8, 16, 64, 256])
@@ -131,18 +131,18 @@ def _run_merge(cls, case: Case) -> dict[str, torch.Tensor]:
 register(Exercise(id="02.lora_scaling", symbol="lora_scaling", reference=lora_scaling,
                   cases=_scaling_cases, run=_run_scaling, atol=1e-12, rtol=1e-12))
 register(Exercise(id="02.lora_init", symbol="LoRALinear", reference=LoRALinear,
-                  cases=lambda: _layer_cases(21, ["float32", "float64", "bfloat16", "float16"], 12),
+                  cases=lambda seed=21: _layer_cases(seed, ["float32", "float64", "bfloat16", "float16"], 12),
                   run=_run_init, atol=0.0, rtol=0.0))
 register(Exercise(id="02.lora_forward", symbol="LoRALinear", reference=LoRALinear,
-                  cases=lambda: (_layer_cases(22, ["float32", "float64"], 10)
-                                 + _layer_cases(23, ["float32"], 6, dropout=True)),
+                  cases=lambda seed=22: (_layer_cases(seed, ["float32", "float64"], 10)
+                                 + _layer_cases(seed + 1, ["float32"], 6, dropout=True)),
                   run=_run_forward, atol=1e-5, rtol=1e-4))
 register(Exercise(id="02.lora_forward_half", symbol="LoRALinear", reference=LoRALinear,
-                  cases=lambda: _layer_cases(24, ["bfloat16", "float16"], 8),
+                  cases=lambda seed=24: _layer_cases(seed, ["bfloat16", "float16"], 8),
                   run=_run_forward, atol=HALF_ATOL, rtol=HALF_RTOL))
 register(Exercise(id="02.lora_merge", symbol="LoRALinear", reference=LoRALinear,
-                  cases=lambda: _layer_cases(25, ["float32", "float64"], 10),
+                  cases=lambda seed=25: _layer_cases(seed, ["float32", "float64"], 10),
                   run=_run_merge, atol=1e-5, rtol=1e-4))
 register(Exercise(id="02.lora_merge_half", symbol="LoRALinear", reference=LoRALinear,
-                  cases=lambda: _layer_cases(26, ["bfloat16", "float16"], 8),
+                  cases=lambda seed=26: _layer_cases(seed, ["bfloat16", "float16"], 8),
                   run=_run_merge, atol=HALF_ATOL, rtol=HALF_RTOL))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_ref import qlora, quant
-from lora_ref.exercises import Case, Exercise, register
+from lora_ref.exercises import Case, Exercise, given, register
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,8 +33,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # cases and runs
 # ---------------------------------------------------------------------------------------------------
 
-def _nf4_cases() -> list[Case]:
-    return [dict(offset=o) for o in (0.9677083, 0.99, 0.95, 0.9, 0.975, 0.6)]
+def _nf4_cases(seed: int | None = None) -> list[Case]:
+    if seed is None:
+        return [dict(offset=o) for o in (0.9677083, 0.99, 0.95, 0.9, 0.975, 0.6)]
+    rng = random.Random(seed)
+    return [dict(offset=round(rng.uniform(0.6, 0.995), 7)) for _ in range(6)]
 
 
 def _run_nf4(fn, case: Case) -> dict[str, torch.Tensor]:
@@ -65,14 +68,14 @@ def _has_ties(case: Case) -> bool:
     return not torch.equal(by_mul, by_div)
 
 
-def _quant_cases() -> list[Case]:
-    rng = random.Random(505)
+def _quant_cases(seed: int = 505) -> list[Case]:
+    rng = random.Random(seed)
     cases = []
     for i in range(14):
         shape = rng.choice([(rng.randint(1, 40), rng.randint(1, 300)), (rng.randint(1, 3000),),
                             (2, rng.randint(1, 20), rng.randint(1, 70))])
         qtype = ("nf4", "fp4", "int4")[i % 3]
-        case = dict(seed=500 + i, shape=shape, dtype=("float32", "bfloat16", "float16")[(i // 3) % 3],
+        case = dict(seed=seed - 5 + i, shape=shape, dtype=("float32", "bfloat16", "float16")[(i // 3) % 3],
                     std=rng.choice([0.02, 1.0, 37.0]), quant_type=qtype, blocksize=rng.choice([32, 64, 128, 256]),
                     zero_block=(qtype == "nf4" and i % 2 == 0))
         while _has_ties(case):
@@ -83,21 +86,21 @@ def _quant_cases() -> list[Case]:
 
 def _run_quantize(fn, case: Case) -> dict[str, torch.Tensor]:
     x = _tensor(case)
-    codes, absmax = fn(x, quant.get_code(case["quant_type"]), case["blocksize"])
+    codes, absmax = fn(x, given(case, "code", lambda: quant.get_code(case["quant_type"])), case["blocksize"])
     return {"codes": codes.reshape(-1), "absmax": absmax}
 
 
 def _run_dequantize(fn, case: Case) -> dict[str, torch.Tensor]:
     x = _tensor(case)
-    code = quant.get_code(case["quant_type"])
-    codes, absmax = quant.quantize_blockwise(x, code, case["blocksize"])
+    code = given(case, "code", lambda: quant.get_code(case["quant_type"]))
+    codes, absmax = given(case, "quantized", lambda: quant.quantize_blockwise(x, code, case["blocksize"]))
     out = fn(codes, absmax, code, tuple(x.shape), case["blocksize"], _DTYPES[case["dtype"]])
     return {"out": out}
 
 
-def _pack_cases() -> list[Case]:
-    rng = random.Random(506)
-    return [dict(seed=600 + i, n=rng.choice([1, 2, 3, 64, 255, 1000, 4097]), pad=rng.choice([0, 7, 15]))
+def _pack_cases(seed: int = 506) -> list[Case]:
+    rng = random.Random(seed)
+    return [dict(seed=seed + 94 + i, n=rng.choice([1, 2, 3, 64, 255, 1000, 4097]), pad=rng.choice([0, 7, 15]))
             for i in range(10)]
 
 
@@ -111,11 +114,15 @@ def _run_pack(fn, case: Case) -> dict[str, torch.Tensor]:
 
 
 def _run_unpack(fn, case: Case) -> dict[str, torch.Tensor]:
-    packed = quant.pack_4bit(_codes(case), case["pad"])
+    packed = given(case, "packed", lambda: quant.pack_4bit(_codes(case), case["pad"]))
     return {"codes": fn(packed, case["n"]).reshape(-1).to(torch.int64)}
 
 
-def _bits_cases() -> list[Case]:
+def _bits_cases(seed: int | None = None) -> list[Case]:
+    if seed is not None:
+        rng = random.Random(seed)
+        return [dict(blocksize=2 ** rng.randint(4, 12), double_quant=rng.random() < 0.6,
+                     dq_blocksize=rng.choice([64, 128, 256, 512])) for _ in range(11)]
     cases = []
     for bs in (32, 64, 128, 256, 4096):
         for dq in (False, True):
@@ -129,14 +136,14 @@ def _run_bits(fn, case: Case) -> dict[str, torch.Tensor]:
     return {"bits": torch.tensor(float(v), dtype=torch.float64)}
 
 
-def _layer_cases() -> list[Case]:
-    rng = random.Random(507)
+def _layer_cases(seed: int = 507) -> list[Case]:
+    rng = random.Random(seed)
     cases = []
     for i in range(8):
         in_f, out_f = rng.choice([16, 33, 64, 96, 130]), rng.choice([5, 24, 48, 64])
         r = rng.choice([1, 2, 4, 8])
         r = max(r, -(-16 // in_f))                 # at least 16 values of A, so the init check is meaningful
-        cases.append(dict(seed=700 + i, in_f=in_f, out_f=out_f, r=r, alpha=rng.choice([1.0, 8.0, 16.0, 32.0]),
+        cases.append(dict(seed=seed + 193 + i, in_f=in_f, out_f=out_f, r=r, alpha=rng.choice([1.0, 8.0, 16.0, 32.0]),
                           blocksize=rng.choice([32, 64, 128]), std=rng.choice([0.02, 0.5]),
                           batch=rng.choice([(3,), (2, 5)])))
     return cases
