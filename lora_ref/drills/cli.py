@@ -226,16 +226,27 @@ def cmd_topics(args, con: Console) -> int:
     return 0
 
 
+def _help_text(doc: str) -> tuple[str, str]:
+    """The module docstring as --help shows it: (description, epilog), each said once, without the
+    reStructuredText ``literal`` markup that is for the docs, not the terminal."""
+    plain = doc.replace("``", "")
+    first, _, rest = plain.strip().partition("\n\n")
+    return first, rest
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lora-drill", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    description, epilog = _help_text(__doc__)
+    p = argparse.ArgumentParser(prog="lora-drill", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
     p.add_argument("--db", default=None, help=f"progress file (default {default_path()})")
     p.add_argument("--seed", type=int, default=None, help="random seed (question order, generated numbers)")
     sub = p.add_subparsers(dest="command")
 
     def filters(sp):
-        sp.add_argument("--topic", choices=sorted(TOPICS), default=None)
-        sp.add_argument("--kind", choices=KINDS, action="append", default=None, help="repeatable")
+        sp.add_argument("--topic", choices=sorted(TOPICS), default=None,
+                        help="only this topic (default: all; lora-drill topics lists them)")
+        sp.add_argument("--kind", choices=KINDS, action="append", default=None,
+                        help="only this kind of question; repeatable (default: all kinds)")
 
     pr = sub.add_parser("practice", help="spaced-repetition practice (the default)")
     filters(pr)
@@ -246,15 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--rating", type=int, choices=(1, 2, 3, 4), default=None, help="with --answer: your rating")
     pr.add_argument("--json", action="store_true", help="with --once: print the result as JSON")
     mk = sub.add_parser("mock", help="timed mock interview with mixed topics")
-    mk.add_argument("--minutes", type=float, default=20.0)
-    mk.add_argument("--count", type=int, default=None, help="number of questions (default minutes/3)")
-    mk.add_argument("--kind", choices=KINDS, action="append", default=None)
+    mk.add_argument("--minutes", type=float, default=20.0, help="length of the interview (default %(default)g)")
+    mk.add_argument("--count", type=int, default=None,
+                    help=f"number of questions (default: minutes / 3 rounded down, at least 3; "
+                         f"{MockInterview.default_count(20.0)} for 20 minutes)")
+    mk.add_argument("--kind", choices=KINDS, action="append", default=None, help="repeatable")
     st = sub.add_parser("stats", help="mastery per topic, streak, weakest areas")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--json", action="store_true", help="print the statistics as JSON")
     ls = sub.add_parser("list", help="list the cards")
     filters(ls)
     sh = sub.add_parser("show", help="show a question with its model answer")
-    sh.add_argument("id")
+    sh.add_argument("id", help="bank id, generator id, or gen.x@seed (lora-drill list shows them)")
     sub.add_parser("topics", help="list the topics")
     return p
 

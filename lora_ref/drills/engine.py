@@ -184,11 +184,16 @@ class MockInterview:
     def __post_init__(self):
         if self.minutes <= 0:
             raise ValueError(f"minutes must be positive, got {self.minutes!r}")
-        self.count = self.count or max(3, int(self.minutes / 3))
+        self.count = self.count or self.default_count(self.minutes)
         topics = sorted({c.topic for c in self.drill.cards})
         self.drill.rng.shuffle(topics)
         self._topics = topics
         self._start = time.monotonic()
+
+    @staticmethod
+    def default_count(minutes: float) -> int:
+        """One question per 3 minutes, rounded down, at least 3 (lora-drill mock --help states this)."""
+        return max(3, int(minutes / 3))
 
     def remaining(self) -> float:
         return self.minutes * 60 - (time.monotonic() - self._start)
