@@ -1,11 +1,16 @@
 """Time every course notebook as a learner runs it (not in grading mode) and commit the record.
 
 Executes the solution copy of each notebook top to bottom with nbclient, in its own folder, the way
-"Run All" does in JupyterLab, and writes ``benchmarks/results/notebook_times_<device>.json``: total
-seconds, the slowest cells, the machine's load average before and after (on a shared machine the times
-are upper bounds), and whether the run stayed inside the course's 3-minute CPU budget.
+"Run All" does in JupyterLab, and writes ``notebook_times_<device>.json``: total seconds, the slowest
+cells, the machine's load average before and after (on a shared machine the times are upper bounds),
+and whether the run stayed inside the course's 3-minute CPU budget.
 
-    python tools/time_notebooks.py [NN_topic ...] [--threads N]
+    python tools/time_notebooks.py [NN_topic ...] [--threads N]     writes runs/notebook_times/
+    python tools/time_notebooks.py --update [NN_topic ...]          updates the committed record
+
+By default the record goes to ``runs/notebook_times/`` (not committed), so timing one notebook never
+touches the committed ``benchmarks/results/notebook_times_<device>.json``; ``--update`` merges the new
+times into that file (the notebooks not run keep their committed entries).
 
 The graded runs (NBGRADER_EXECUTION set, one thread) are timed by tests/test_notebooks.py instead.
 """
@@ -64,8 +69,15 @@ def main(argv=None) -> int:
     ap.add_argument("stems", nargs="*", help="notebooks to time (default: all)")
     ap.add_argument("--threads", type=int, default=None,
                     help="set OMP_NUM_THREADS for the kernels (default: the notebooks choose)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out", default=None,
+                    help="folder for the record (default: runs/notebook_times, or benchmarks/results with --update)")
+    ap.add_argument("--update", action="store_true",
+                    help="merge the times into the committed benchmarks/results record (default: leave it alone)")
     args = ap.parse_args(argv)
+    committed = ROOT / "benchmarks" / "results"
+    folder = Path(args.out) if args.out else committed if args.update else ROOT / "runs" / "notebook_times"
+    if not args.update and folder.resolve() == committed.resolve():
+        ap.error(f"{committed} holds the committed record: pass --update to change it")
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     stems = args.stems or sorted(p.stem for p in (ROOT / "course_src").glob("[0-9][0-9]_*.py"))
@@ -73,8 +85,9 @@ def main(argv=None) -> int:
 
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = Path(args.out) / f"notebook_times_{device}.json"
-    record = json.loads(out.read_text()) if out.exists() else {}
+    out = folder / f"notebook_times_{device}.json"
+    # only an update merges into an earlier record; a scratch run records just what it ran
+    record = json.loads(out.read_text()) if args.update and out.exists() else {}
     record.update({"what": "each solution notebook run top to bottom as a learner runs it (tools/time_notebooks.py)",
                    "budget_seconds": BUDGET_S, "cpu_count": os.cpu_count(), "torch": torch.__version__,
                    "machine": platform.machine(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")})
@@ -89,7 +102,7 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}")
-    return 0 if all(r["error"] is None for r in record["notebooks"].values()) else 1
+    return 0 if all(record["notebooks"][stem].get("error") is None for stem in stems) else 1
 
 
 if __name__ == "__main__":
