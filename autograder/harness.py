@@ -4,9 +4,11 @@ through :func:`autograder.sandbox.command` (fresh user, mount, PID and network n
 This process runs the learner's answer cells and calls each exercise's ``run`` (generic tensor plumbing)
 on the learner's symbol. It holds nothing of the reference:
 
-- the exercise modules are imported behind an import firewall: every ``lora_ref`` module but
-  ``lora_ref.exercises`` is replaced by a :class:`Sealed` stand-in (an attribute of it is a stand-in
-  too; calling one raises), so no reference object, function or class is ever loaded here;
+- the exercise modules are imported behind an import firewall: every ``lora_ref`` module that holds an
+  exercise's reference is replaced by a :class:`Sealed` stand-in (an attribute of it is a stand-in
+  too; calling one raises), so no reference object, function or class is ever loaded here; names bound
+  to a reference in the modules that are loaded (``lora_ref.exercises``, modules of no reference such as
+  the tiny test models) are deleted;
 - the cases, with every input that needs lora_ref to make (``lora_ref.exercises.given``), were made in
   the grader's process from the grading run's secret seed and arrive on stdin;
 - then the repository and the reference package are hidden (:func:`autograder.sandbox.enter`).
@@ -71,8 +73,17 @@ def write_frame(fd: int, kind: str, header: dict, blob: bytes = b"") -> None:
 # -- cases over the pipe -------------------------------------------------------------------------------------
 
 def encode_case(case, tensors: dict, prefix: str):
-    """Plain JSON with tensors as ``{"__tensor__": key}`` (their bytes go to ``tensors``) and tuples kept."""
+    """Plain JSON with tensors as ``{"__tensor__": key}`` (their bytes go to ``tensors``), tuples, dtypes and
+    dataclass instances kept (a dataclass arrives as a plain namespace of its fields: the harness has no
+    lora_ref class to rebuild, and a learner reads attributes)."""
+    import dataclasses
+
     import torch
+    if isinstance(case, torch.dtype):
+        return {"__dtype__": str(case).removeprefix("torch.")}
+    if dataclasses.is_dataclass(case) and not isinstance(case, type):
+        return {"__object__": {f.name: encode_case(getattr(case, f.name), tensors, prefix)
+                               for f in dataclasses.fields(case)}}
     if isinstance(case, torch.Tensor):
         key = f"{prefix}#{len(tensors)}"
         tensors[key] = case.detach().cpu().contiguous()
@@ -90,6 +101,14 @@ def decode_case(value, tensors: dict):
     if isinstance(value, dict):
         if set(value) == {"__tensor__"}:
             return tensors[value["__tensor__"]].clone()
+        if set(value) == {"__dtype__"}:
+            import torch
+            dtype = getattr(torch, value["__dtype__"])
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"not a dtype: {value['__dtype__']!r}")
+            return dtype
+        if set(value) == {"__object__"}:
+            return types.SimpleNamespace(**{k: decode_case(v, tensors) for k, v in value["__object__"].items()})
         if set(value) == {"__tuple__"}:
             return tuple(decode_case(v, tensors) for v in value["__tuple__"])
         return {k: decode_case(v, tensors) for k, v in value.items()}
@@ -121,10 +140,15 @@ class Sealed(types.ModuleType):
 
 
 class Firewall(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Every ``lora_ref`` module outside :data:`ALLOWED` imports as a :class:`Sealed` stand-in."""
+    """Every ``lora_ref`` module outside :data:`ALLOWED` and ``allowed`` (modules that hold no exercise's
+    reference, such as the tiny test models; the grader computes the list) imports as a :class:`Sealed`."""
+
+    def __init__(self, allowed: tuple[str, ...] = ()):
+        self.allowed = ALLOWED + tuple(allowed)
 
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] != "lora_ref" or any(name == a or name.startswith(a + ".") for a in ALLOWED):
+        if name == "lora_ref" or name.split(".")[0] != "lora_ref" or name in self.allowed or any(
+                name.startswith(a + ".") for a in ALLOWED):
             return None
         return importlib.machinery.ModuleSpec(name, self, is_package=True)
 
@@ -135,19 +159,28 @@ class Firewall(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
-def load_drivers(modules: list[str]) -> dict:
-    """Import the exercise modules behind the firewall; return {exercise id: (symbol, run)} and drop
-    everything else the registry held (cases, references: stand-ins here anyway)."""
-    sys.meta_path.insert(0, Firewall())
+def load_drivers(modules: list[str], allowed: list[str] = (), unsealed: list[str] = ()) -> dict:
+    """Import the exercise modules behind the firewall; return {exercise id: (symbol, run)}; drop everything
+    else the registry held, and every name of a loaded lora_ref module bound to an exercise's reference
+    (a reference defined in an exercise module itself is then gone too). ``unsealed`` modules (an
+    exercise's inputs are their objects, ``Exercise.unsealed``) load for real and keep their names."""
+    sys.meta_path.insert(0, Firewall(tuple(allowed) + tuple(unsealed)))
     for name in [m for m in sys.modules if m.split(".")[0] == "lora_ref"]:
         del sys.modules[name]
     import lora_ref.exercises as exercises
     exercises.REGISTRY.clear()
     exercises.GIVEN_ONLY = True           # lora_ref.exercises.given must find every input in the case
-    for m in modules:
+    for m in [*allowed, *unsealed, *modules]:    # now: lora_ref's folder is hidden once learner code runs
         importlib.import_module(m)
     drivers = {ex.id: (ex.symbol, ex.run) for ex in exercises.REGISTRY.values()}
+    refs = [ex.reference for ex in exercises.REGISTRY.values() if not isinstance(ex.reference, Sealed)]
     exercises.REGISTRY.clear()
+    for name, mod in list(sys.modules.items()):
+        if name.split(".")[0] == "lora_ref" and not isinstance(mod, Sealed) and name not in unsealed:
+            for attr, value in list(vars(mod).items()):
+                if any(value is r for r in refs):
+                    delattr(mod, attr)
+    del refs
     gc.collect()
     return drivers
 
@@ -295,7 +328,7 @@ def main() -> None:
     from safetensors.torch import load, save
     torch.set_num_threads(1)
     case_tensors = load(blob) if blob else {}
-    drivers = load_drivers(job["modules"])
+    drivers = load_drivers(job["modules"], job.get("allowed", []), job.get("unsealed", []))
     cases = {ex_id: [decode_case(c, case_tensors) for c in cs] for ex_id, cs in job["cases"].items()}
     del case_tensors, blob
     plan = sandbox.Plan(**job["plan"])

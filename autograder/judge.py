@@ -143,6 +143,7 @@ def _judge_once(answers, cases, inputs, judge_dir: Path, limits: Limits, cell_ti
     work.mkdir(parents=True, exist_ok=True)
     modules = sorted({_module_of(ex_id) for ex_id in cases})
     header = {"plan": judge_plan(work, hidden).__dict__, "limits": limits.__dict__, "modules": modules,
+              "allowed": harmless_modules(), "unsealed": sorted({m for ex_id in cases for m in _unsealed(ex_id)}),
               "cases": cases, "answer_cells": answers, "cell_timeout": cell_timeout, "case_timeout": cell_timeout,
               "skip_cells": skip_cells, "skip_cases": skip_cases}
     blob = save(inputs) if inputs else b""
@@ -253,6 +254,37 @@ def _apply(log: dict, kind: str, head: dict, data: bytes, load) -> None:
         else:
             entry["errors"][str(i)] = str(head.get("error", ""))[:2000]
             log["running"] = None
+
+
+INPUT_MODULES = ("lora_ref.models", "lora_ref._checks")   # what drivers may need beside learner code
+
+
+def harmless_modules() -> list[str]:
+    """The modules of :data:`INPUT_MODULES` (test models, input checks) that hold no exercise's reference
+    of any notebook: the harness may load them; every other lora_ref module is sealed there."""
+    import importlib
+    import pkgutil
+
+    import lora_ref
+    import lora_ref.exercises as exercises
+    exercises._load_all()
+    holders = {getattr(ex.reference, "__module__", None) for ex in exercises.REGISTRY.values()}
+    names = [f"lora_ref.{m.name}" for m in pkgutil.iter_modules(lora_ref.__path__)
+             if f"lora_ref.{m.name}" in INPUT_MODULES]
+    harmless = []
+    for name in names:
+        if name in holders:
+            continue
+        module = importlib.import_module(name)
+        # a module that re-exports a reference (``from lora_ref.lora import X``) holds it too
+        if not any(any(v is ex.reference for ex in exercises.REGISTRY.values()) for v in vars(module).values()):
+            harmless.append(name)
+    return harmless
+
+
+def _unsealed(ex_id: str) -> tuple[str, ...]:
+    import lora_ref.exercises as exercises
+    return tuple(exercises.get(ex_id).unsealed)
 
 
 def _module_of(ex_id: str) -> str:

@@ -47,6 +47,8 @@ class Exercise:
     atol: float = 1e-5
     rtol: float = 1e-4
     notebook: str = field(default="")         # "02_lora_linear"; filled from id when empty
+    unsealed: tuple[str, ...] = ()            # lora_ref modules whose objects are inputs of run (the judge
+                                              # loads them beside learner code: their references are reachable)
 
 
 REGISTRY: dict[str, Exercise] = {}

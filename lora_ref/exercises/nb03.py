@@ -19,7 +19,7 @@ import random
 import torch
 
 from lora_ref import data
-from lora_ref.exercises import Case, Exercise, register
+from lora_ref.exercises import Case, Exercise, given, register
 from lora_ref.lora import lora_trainable_params, select_targets
 
 _TARGETS = [("q_proj", "v_proj"), "all-linear", ("down_proj",), ("k_proj", "o_proj", "up_proj"),
@@ -109,7 +109,7 @@ def _run_collate(fn, case: Case) -> dict[str, torch.Tensor]:
     for n in case["lengths"]:
         ids = torch.randint(0, 50, (n,), generator=g)
         labels = ids.clone()
-        labels[: int(torch.randint(0, n, (1,), generator=g))] = data.IGNORE_INDEX
+        labels[: int(torch.randint(0, n, (1,), generator=g))] = given(case, "ignore_index", lambda: data.IGNORE_INDEX)
         batch.append({"input_ids": ids, "labels": labels})
     out = fn(batch, case["pad_id"])
     return {k: torch.as_tensor(out[k]) for k in ("input_ids", "attention_mask", "labels")}

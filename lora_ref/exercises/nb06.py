@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from lora_ref import qlora, quant
-from lora_ref.exercises import Case, Exercise, register
+from lora_ref.exercises import Case, Exercise, given, register
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,8 +40,8 @@ def _dequant_cases() -> list[Case]:
 
 
 def _run_dequant(fn, case: Case) -> dict[str, torch.Tensor]:
-    packed, state = quant.quantize_4bit(_weight(case), case["blocksize"], case["quant_type"],
-                                        case["double_quant"], case["dq_blocksize"])
+    packed, state = given(case, "quantized", lambda: quant.quantize_4bit(
+        _weight(case), case["blocksize"], case["quant_type"], case["double_quant"], case["dq_blocksize"]))
     out = fn(packed, state, torch.float32)
     default = fn(packed, state)
     return {"out_fp32": out, "out_default_dtype": default}
@@ -69,7 +69,7 @@ def _run_function(fn_cls, case: Case) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(case["seed"])
     out_f, in_f = case["out_f"], case["in_f"]
     w = torch.randn(out_f, in_f, generator=g) * 0.05
-    packed, state = quant.quantize_4bit(w, 64, "nf4", case["double_quant"])
+    packed, state = given(case, "quantized", lambda: quant.quantize_4bit(w, 64, "nf4", case["double_quant"]))
     bias = None
     if case["bias"] != "none":
         bias = (torch.randn(out_f, generator=g) * 0.1).requires_grad_(case["bias"] == "trainable")
@@ -128,4 +128,5 @@ register(Exercise(id="06.dequantize_4bit_linear", symbol="Dequantize4bitLinear",
                   reference=qlora.Dequantize4bitLinear, cases=_linear_cases, run=_run_function,
                   atol=1e-5, rtol=1e-4))
 register(Exercise(id="06.qlora_linear", symbol="QLoRALinear", reference=qlora.QLoRALinear,
-                  cases=_layer_cases, run=_run_layer, atol=1e-5, rtol=1e-4))
+                  cases=_layer_cases, run=_run_layer, atol=1e-5, rtol=1e-4,
+                  unsealed=("lora_ref.qlora", "lora_ref.quant")))   # the base layer is lora_ref's Linear4bit
