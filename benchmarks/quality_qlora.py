@@ -4,7 +4,7 @@ then what each way of deploying the QLoRA adapter costs (the PEFT merge question
 Runs (all with r=16, alpha=32, all 7 linear projections, the same adapter init, data order and steps):
   lora       dense fp32 base (the CPU stand-in for 16-bit), AdamW
   qlora      NF4 + double quantisation base (lora_ref.qlora), AdamW
-  qlora-8bit the same with 8-bit AdamW state (lora_ref.optim.AdamW8bit)
+  qlora-8bit the same with 8-bit AdamW state (lora_ref.optim_fast.FastAdamW8bit)
 Deployment of the trained qlora adapter:
   adapter    kept separate on the 4-bit base (what was trained)
   merged16   dequantise, merge in fp32, export bf16 (lora_ref.qlora.merge_for_deployment)
@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from _common import RESULTS, device_info, write_results
 
-from lora_ref import lora, optim, qlora
+from lora_ref import lora, optim, optim_fast, qlora
 from lora_ref.training import evaluate_loss, fact_accuracy, train
 
 
@@ -178,7 +178,7 @@ def main(argv=None):
         torch.manual_seed(args.seeds[0])
         qlora.inject_qlora(model, _config(args))
         runs["qlora-8bit"] = {**_train(model, tok, train_ex, args, args.seeds[0],
-                                       optimizer=lambda ps: optim.AdamW8bit(ps, lr=args.lr, weight_decay=0.0)),
+                                       optimizer=lambda ps: optim_fast.FastAdamW8bit(ps, lr=args.lr, weight_decay=0.0)),
                               **_evaluate(model, tok, held, "qlora-8bit", accuracy=not args.fast)}
         del model
 

@@ -1,4 +1,5 @@
-"""lora_ref.optim.AdamW8bit: trains like torch AdamW, like bitsandbytes' AdamW8bit, at ~1/4 of the state."""
+"""lora_ref.optim.AdamW8bit (readable) and lora_ref.optim_fast.FastAdamW8bit (bucketed, tested equal to it): train like
+torch AdamW, like bitsandbytes' AdamW8bit, at ~1/4 of the state."""
 import copy
 import math
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lora_ref import optim, quant
+from lora_ref import optim, optim_fast, quant
 
 
 def _problem(seed=0):
@@ -33,7 +34,7 @@ def _train(model, opt, x, y, steps=150):
 def test_trains_close_to_torch_adamw():
     model, x, y = _problem()
     ref = copy.deepcopy(model)
-    l8 = _train(model, optim.AdamW8bit(model.parameters(), lr=1e-2, weight_decay=1e-2), x, y)
+    l8 = _train(model, optim_fast.FastAdamW8bit(model.parameters(), lr=1e-2, weight_decay=1e-2), x, y)
     l32 = _train(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=1e-2), x, y)
     assert l8[-1] < 0.05 * l8[0]                                  # it learns
     assert l8[-1] == pytest.approx(l32[-1], rel=0.15)             # about as well as fp32 state
@@ -44,7 +45,7 @@ def test_trains_close_to_torch_adamw():
 def test_state_memory_is_about_a_quarter():
     model, x, y = _problem()
     ref = copy.deepcopy(model)
-    opt8 = optim.AdamW8bit(model.parameters(), lr=1e-3)
+    opt8 = optim_fast.FastAdamW8bit(model.parameters(), lr=1e-3)
     opt32 = torch.optim.AdamW(ref.parameters(), lr=1e-3)
     _train(model, opt8, x, y, steps=1)
     _train(ref, opt32, x, y, steps=1)
@@ -63,7 +64,7 @@ def test_close_to_bitsandbytes_adamw8bit_on_cpu():
     bnb = pytest.importorskip("bitsandbytes")
     model, x, y = _problem(1)
     ref = copy.deepcopy(model)
-    _train(model, optim.AdamW8bit(model.parameters(), lr=1e-2), x, y, steps=20)
+    _train(model, optim_fast.FastAdamW8bit(model.parameters(), lr=1e-2), x, y, steps=20)
     try:
         _train(ref, bnb.optim.AdamW8bit(ref.parameters(), lr=1e-2), x, y, steps=20)
     except (RuntimeError, NotImplementedError) as e:       # a bnb build without the CPU 8-bit update
@@ -75,7 +76,7 @@ def test_close_to_bitsandbytes_adamw8bit_on_cpu():
 def test_first_step_equals_adamw_exactly_for_small_tensors():
     p1 = nn.Parameter(torch.randn(10, 10))
     p2 = nn.Parameter(p1.detach().clone())
-    o1 = optim.AdamW8bit([p1], lr=0.1)                      # 100 < min_8bit_size: fp32 state
+    o1 = optim_fast.FastAdamW8bit([p1], lr=0.1)                      # 100 < min_8bit_size: fp32 state
     o2 = torch.optim.AdamW([p2], lr=0.1)
     for _ in range(3):
         for p, o in ((p1, o1), (p2, o2)):
@@ -87,10 +88,10 @@ def test_first_step_equals_adamw_exactly_for_small_tensors():
 
 def test_state_dict_round_trip():
     model, x, y = _problem()
-    opt = optim.AdamW8bit(model.parameters(), lr=1e-2)
+    opt = optim_fast.FastAdamW8bit(model.parameters(), lr=1e-2)
     _train(model, opt, x, y, steps=3)
     clone = copy.deepcopy(model)
-    opt2 = optim.AdamW8bit(clone.parameters(), lr=1e-2)
+    opt2 = optim_fast.FastAdamW8bit(clone.parameters(), lr=1e-2)
     opt2.load_state_dict(opt.state_dict())
     _train(model, opt, x, y, steps=2)
     _train(clone, opt2, x, y, steps=2)
@@ -101,7 +102,7 @@ def test_state_dict_round_trip():
                                           ({"eps": 0}, "eps=0"), ({"weight_decay": -0.1}, "weight_decay")])
 def test_bad_hyperparameters_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        optim.AdamW8bit([nn.Parameter(torch.zeros(3))], **kwargs)
+        optim_fast.FastAdamW8bit([nn.Parameter(torch.zeros(3))], **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ def _hard_values(code, seed=0):
 @pytest.mark.parametrize("which", ["signed", "unsigned"])
 def test_nearest_level_equals_bucketize(which):
     code = MAPS[which]
-    lookup = optim.NearestLevel(code)
+    lookup = optim_fast.NearestLevel(code)
     x = _hard_values(code)
     expected = torch.bucketize(x, (code[:-1] + code[1:]) / 2)          # what quant.quantize_8bit does
     assert torch.equal(lookup(x).long(), expected)
@@ -178,9 +179,9 @@ def test_flat_quantize_blocks_equals_quantize_8bit_per_tensor(which):
     flat = torch.cat([torch.nn.functional.pad(t, (0, n - t.numel())) for t, n in zip(tensors, padded)])
     ends = torch.tensor(padded).cumsum(0)
     divide_rows = torch.tensor([int(e) // bs - 1 for e, t in zip(ends, tensors) if t.numel() % bs])
-    q, absmax = optim.quantize_blocks(flat.view(-1, bs), optim.NearestLevel(code), divide_rows,
+    q, absmax = optim_fast.quantize_blocks(flat.view(-1, bs), optim_fast.NearestLevel(code), divide_rows,
                                       nonnegative=which == "unsigned")
-    deq = optim.dequantize_blocks(q, absmax, code).reshape(-1)
+    deq = optim_fast.dequantize_blocks(q, absmax, code).reshape(-1)
     start = 0
     for t, n in zip(tensors, padded):
         q_ref, st = quant.quantize_8bit(t, code, bs)
@@ -251,7 +252,7 @@ def test_step_matches_per_tensor_reference(bucket_numel):
         grads_per_step.append(grads)
     ref_params, ref_states = _reference_adamw8bit(params, grads_per_step, group_of, min_8bit_size=256)
 
-    opt = optim.AdamW8bit([dict(params=params[0::2], **hp_a), dict(params=params[1::2], **hp_b)],
+    opt = optim_fast.FastAdamW8bit([dict(params=params[0::2], **hp_a), dict(params=params[1::2], **hp_b)],
                           min_8bit_size=256, bucket_numel=bucket_numel)
     for grads in grads_per_step:
         for p, grad in zip(params, grads):
@@ -275,7 +276,7 @@ def test_step_matches_per_tensor_reference(bucket_numel):
 def test_state_bytes_count_padding_and_state_dict_is_a_snapshot():
     p = nn.Parameter(torch.randn(257))                     # 2 blocks of 256: 255 padding values per moment
     b = nn.Parameter(torch.randn(10))                      # fp32 state
-    opt = optim.AdamW8bit([p, b], lr=1e-2, min_8bit_size=256)
+    opt = optim_fast.FastAdamW8bit([p, b], lr=1e-2, min_8bit_size=256)
     for _ in range(2):
         p.grad, b.grad = torch.randn(257), torch.randn(10)
         opt.step()
@@ -293,7 +294,7 @@ def test_state_bytes_count_padding_and_state_dict_is_a_snapshot():
 def test_deepcopy_continues_identically():
     """torch's Optimizer pickles only defaults, state and param_groups: settings must survive, buckets rebuild."""
     params = nn.ParameterList([nn.Parameter(torch.randn(300)), nn.Parameter(torch.randn(7))])
-    opt = optim.AdamW8bit(params, lr=1e-2, min_8bit_size=256, bucket_numel=512)
+    opt = optim_fast.FastAdamW8bit(params, lr=1e-2, min_8bit_size=256, bucket_numel=512)
     g = torch.Generator().manual_seed(0)
     grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(4)]
     for gs in grads[:2]:
@@ -314,7 +315,7 @@ def test_non_finite_gradient_poisons_its_block_without_a_check():
     """Like torch.optim.AdamW, no NaN/Inf check (it would be a host sync on a GPU): the value goes NaN at
     once, its block's absmax too, so the whole block from the next step on; other blocks are unharmed."""
     p = nn.Parameter(torch.zeros(512))
-    opt = optim.AdamW8bit([p], lr=1e-2, min_8bit_size=256)
+    opt = optim_fast.FastAdamW8bit([p], lr=1e-2, min_8bit_size=256)
     p.grad = torch.ones(512)
     p.grad[3] = float("nan")
     opt.step()
@@ -330,8 +331,8 @@ def test_cuda_step_has_no_host_sync_and_matches_cpu():
     cpu = [nn.Parameter(torch.randn(s, generator=g) * 0.1) for s in ((16, 576), (192, 16), (1000,), (300,))]
     gpu = [nn.Parameter(p.detach().cuda()) for p in cpu]
     grads = [[torch.randn(p.shape, generator=g) for p in cpu] for _ in range(4)]
-    o_cpu = optim.AdamW8bit(cpu, lr=1e-2, min_8bit_size=256)
-    o_gpu = optim.AdamW8bit(gpu, lr=1e-2, min_8bit_size=256)
+    o_cpu = optim_fast.FastAdamW8bit(cpu, lr=1e-2, min_8bit_size=256)
+    o_gpu = optim_fast.FastAdamW8bit(gpu, lr=1e-2, min_8bit_size=256)
     for i, gs in enumerate(grads):
         for pc, pg, gr in zip(cpu, gpu, gs):
             pc.grad, pg.grad = gr, gr.cuda()
@@ -346,3 +347,37 @@ def test_cuda_step_has_no_host_sync_and_matches_cpu():
     for pc, pg in zip(cpu, gpu):
         torch.testing.assert_close(pg.detach().cpu(), pc.detach(), rtol=1e-5, atol=1e-6)
     assert torch.equal(o_gpu.state[gpu[0]]["exp_avg_q"].cpu(), o_cpu.state[cpu[0]]["exp_avg_q"])
+
+
+def _run_both(shapes, steps, **kw):
+    """The readable and the fast optimizer from the same parameters and gradients, step by step."""
+    g = torch.Generator().manual_seed(3)
+    params = [nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
+    pa, pb = [nn.Parameter(p.detach().clone()) for p in params], [nn.Parameter(p.detach().clone()) for p in params]
+    oa, ob = optim.AdamW8bit(pa, lr=1e-2, **kw), optim_fast.FastAdamW8bit(pb, lr=1e-2, **kw)
+    for _ in range(steps):
+        for a, b in zip(pa, pb):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        oa.step()
+        ob.step()
+    return pa, pb, oa, ob
+
+
+@pytest.mark.parametrize("kw", [dict(min_8bit_size=256), dict(min_8bit_size=256, weight_decay=0.0, blocksize=64),
+                                dict()])
+def test_readable_and_fast_adamw8bit_are_the_same_update(kw):
+    """Parameters and every state tensor (codes, absmax, fp32 moments, step) are bit-identical after several
+    steps, on tensors with and without a partial last block, 8-bit and fp32 state."""
+    pa, pb, oa, ob = _run_both([(40, 64), (300,), (7, 5), (33, 31)], steps=6, **kw)
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+        sa, sb = oa.state[a], ob.state[b]
+        assert sorted(sa) == sorted(sb)
+        for key in sa:
+            assert torch.equal(sa[key], sb[key].reshape(sa[key].shape)), key
+
+
+def test_readable_adamw8bit_state_bytes_have_no_padding():
+    pa, _, oa, _ = _run_both([(40, 64), (300,)], steps=1, min_8bit_size=256)
+    assert optim.optimizer_state_nbytes(oa) == 2 * (2560 + 10 * 4) + 2 * (300 + 2 * 4)
