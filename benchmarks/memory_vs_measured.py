@@ -49,20 +49,16 @@ def calc_kwargs(method: str) -> dict:
 def build(method: str, shape, device):
     model = random_llama(shape, device)
     model.config.use_cache = False
+    from lora_ref.lora import LoRAConfig
+    from lora_ref.methods import prepare_model
     if method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    elif method == "lora":
-        from lora_ref.lora import LoRAConfig, inject_lora
-        inject_lora(model, LoRAConfig(r=16, alpha=32, target_modules=TARGETS))
-    elif method == "qlora":
+        prepare_model(model, "full")
+    elif method in ("lora", "qlora_ref"):                 # the readable lora_ref layers
+        prepare_model(model, "lora" if method == "lora" else "qlora",
+                      LoRAConfig(r=16, alpha=32, target_modules=TARGETS), compute_dtype=torch.bfloat16)
+    elif method == "qlora":                              # the fused path of lora_ref.kernels
         from lora_ref import kernels as K
         K.quantize_model_fast(model, r=16, alpha=32, targets=TARGETS)
-    elif method == "qlora_ref":
-        from lora_ref import qlora
-        from lora_ref.lora import LoRAConfig, inject_lora
-        qlora.quantize_model(model, "nf4", double_quant=True, compute_dtype=torch.bfloat16, blocksize=64)
-        qlora.inject_qlora(model, LoRAConfig(r=16, alpha=32, target_modules=TARGETS))
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

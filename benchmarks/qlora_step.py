@@ -82,10 +82,9 @@ def build(mode: str, shape, device):
                                                  task_type="CAUSAL_LM"))
         loss_fn = None
     elif mode == "lora_ref":
-        from lora_ref import qlora
         from lora_ref.lora import LoRAConfig
-        qlora.quantize_model(model, "nf4", double_quant=True, compute_dtype=torch.bfloat16, blocksize=64)
-        qlora.inject_qlora(model, LoRAConfig(r=16, alpha=32, target_modules=TARGETS))
+        from lora_ref.methods import prepare_model
+        prepare_model(model, "qlora", LoRAConfig(r=16, alpha=32, target_modules=TARGETS), compute_dtype=torch.bfloat16)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         loss_fn = None
     elif mode in ("fast", "fast_norm"):

@@ -443,8 +443,10 @@ def _estimated_training_bytes(model: nn.Module) -> int:
 
 
 def prepare_method(method: str, base: nn.Module, r: int = 8, num_virtual_tokens: int = 16):
-    """Turn a fresh base model into the thing to train; returns (model, adapter_bytes_fn)."""
-    from .lora import LoRAConfig, inject_lora, lora_layers
+    """Turn a fresh base model into the thing to train; returns (model, adapter_bytes_fn).
+    Full, LoRA and QLoRA are :func:`lora_ref.methods.prepare_model`'s; soft prompts wrap the model."""
+    from .lora import LoRAConfig, lora_layers
+    from .methods import prepare_model
 
     def lora_bytes(m):
         return sum(l.lora_A.numel() * l.lora_A.element_size() + l.lora_B.numel() * l.lora_B.element_size()
@@ -461,15 +463,10 @@ def prepare_method(method: str, base: nn.Module, r: int = 8, num_virtual_tokens:
         return wrapped, soft_bytes
     if method in ("lora", "lora-qv", "qlora"):
         targets = ("q_proj", "v_proj") if method == "lora-qv" else "all-linear"
-        inject_lora(base, LoRAConfig(r=r, alpha=2 * r, target_modules=targets))
-        if method == "qlora":
-            from .qlora import quantize_model
-            quantize_model(base, "nf4", double_quant=True)
-        return base, lora_bytes
+        config = LoRAConfig(r=r, alpha=2 * r, target_modules=targets)
+        return prepare_model(base, "qlora" if method == "qlora" else "lora", config), lora_bytes
     if method == "full":
-        for p in base.parameters():
-            p.requires_grad_(True)
-        return base, lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
+        return prepare_model(base, "full"), lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
     raise ValueError(f"method={method!r} must be one of {COMPARED}")
 
 
