@@ -176,7 +176,8 @@ def load_drivers(modules: list[str], allowed: list[str] = (), unsealed: list[str
     refs = [ex.reference for ex in exercises.REGISTRY.values() if not isinstance(ex.reference, Sealed)]
     exercises.REGISTRY.clear()
     for name, mod in list(sys.modules.items()):
-        if name.split(".")[0] == "lora_ref" and not isinstance(mod, Sealed) and name not in unsealed:
+        if ((name.split(".")[0] == "lora_ref" or name in modules) and not isinstance(mod, Sealed)
+                and name not in unsealed):
             for attr, value in list(vars(mod).items()):
                 if any(value is r for r in refs):
                     delattr(mod, attr)

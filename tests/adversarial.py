@@ -299,7 +299,7 @@ def classmate(nb, assignment: str, **_) -> None:
 PROBE = '''
 def _probe(ctx):
     import ctypes, json, os, signal, socket, sys, threading, time
-    where = "judge" if any(m.startswith(("autograder.judge", "autograder.harness")) for m in sys.modules) else "kernel"
+    where = "kernel" if os.environ.get("AUTOGRADER_SCRATCH") else "judge"
     rep = {"where": where, "pid": os.getpid()}
     outside = [p for p in ctx["outside_pids"] if p > 1]
     rep["signalable_outside"] = 0
@@ -377,14 +377,13 @@ def _probe(ctx):
         rep["net"] = type(e).__name__
     rep["sent"] = sent
     procs = 0
-    for d in os.listdir("/proc"):
-        if d.isdigit() and int(d) != os.getpid():
-            try:
-                open(f"/proc/{d}/environ", "rb").read(64)
-                procs += 1
-            except OSError:
-                pass
-    rep["proc_environ_readable"] = procs
+    for p in outside:                                          # /proc of the grader's processes
+        try:
+            open(f"/proc/{p}/environ", "rb").read(64)
+            procs += 1
+        except OSError:
+            pass
+    rep["outside_proc_readable"] = procs
     fds = []
     for fd in os.listdir("/proc/self/fd"):
         try:

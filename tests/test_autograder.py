@@ -155,8 +155,8 @@ def test_zip_slip_is_refused(tmp_path):
     z = tmp_path / "evil.zip"
     with zipfile.ZipFile(z, "w") as zf:
         zf.writestr("../../escape.ipynb", "{}")
-    with pytest.raises(ValueError, match="outside"):
-        intake._safe_extract(z, tmp_path / "dest")
+    dest, refused = intake._safe_extract(z, tmp_path / "dest")
+    assert refused == ["../../escape.ipynb"] and not (tmp_path.parent / "escape.ipynb").exists()
 
 
 # -- feedback sanitising -------------------------------------------------------------------------------------------
@@ -190,20 +190,26 @@ def test_summary_counts_failures_and_most_common_error():
 
 # -- sandbox -----------------------------------------------------------------------------------------------------------
 
-def _sandboxed(tmp_path, code: str, memory_mb: int = 2048) -> subprocess.CompletedProcess:
-    box, scratch = tmp_path / "box", tmp_path / "scratch"
+def _sandboxed(tmp_path, code: str, memory_mb: int = 2048, hidden=(), expose=()) -> subprocess.CompletedProcess:
+    """Run ``code`` after sandbox.enter, in the namespaces sandbox.command gives (as the kernel and judge run)."""
+    from autograder import sandbox
+    box = tmp_path / "box"
     box.mkdir()
-    scratch.mkdir()
+    plan = sandbox.Plan(writable=[str(box)], hidden=[str(p) for p in hidden], expose=[str(p) for p in expose],
+                        cwd=str(box))
     prog = textwrap.dedent(f"""
         import json, sys
         from pathlib import Path
         from autograder import sandbox
-        report, auditor = sandbox.enter(Path({str(box)!r}), Path({str(scratch)!r}), sandbox.Limits(memory_mb={memory_mb}))
+        from autograder.contracts import Limits
+        plan = sandbox.Plan.from_env({plan.to_env()!r})
+        report, auditor = sandbox.enter(plan, Limits(memory_mb={memory_mb}), Path({str(box / "audit.jsonl")!r}))
         auditor.active = True
         auditor.install()
-        print(json.dumps(report.__dict__))
+        print(json.dumps(dict(report.__dict__, isolation=report.isolation)))
     """) + textwrap.dedent(code)
-    return subprocess.run([PY, "-c", prog], capture_output=True, text=True, timeout=120, cwd=box)
+    return subprocess.run(sandbox.command(["-c", prog]), capture_output=True, text=True, timeout=120, cwd=box,
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
 
 
 def test_sandbox_blocks_writes_outside_and_records_them(tmp_path):
@@ -218,24 +224,65 @@ def test_sandbox_blocks_writes_outside_and_records_them(tmp_path):
     """)
     assert "blocked" in proc.stdout and "ESCAPED" not in proc.stdout, proc.stdout + proc.stderr
     assert not outside.exists() and (tmp_path / "box" / "inside.txt").exists()
-    log = (tmp_path / "scratch" / "audit.jsonl").read_text()
+    log = (tmp_path / "box" / "audit.jsonl").read_text()
     assert "write_outside" in log and "outside.txt" in log
 
 
-def test_sandbox_hides_folders(tmp_path):
-    secret = tmp_path / "solutions"
-    secret.mkdir()
-    (secret / "answer.txt").write_text("42")
-    proc = subprocess.run([PY, "-c", textwrap.dedent(f"""
+def test_sandbox_hides_folders_and_exposes_only_what_is_asked(tmp_path):
+    out = tmp_path / "out"
+    (out / "scratch" / "mine").mkdir(parents=True)
+    (out / "scratch" / "other").mkdir(parents=True)
+    (out / "gradebook.db").write_text("secret")
+    (out / "scratch" / "other" / "job.json").write_text("{}")
+    (out / "scratch" / "mine" / "cache.txt").write_text("cache")
+    proc = _sandboxed(tmp_path, f"""
         import os
-        from pathlib import Path
-        from autograder import sandbox
-        Path("box").mkdir(); Path("scratch").mkdir()
-        report, _ = sandbox.enter(Path("box").resolve(), Path("scratch").resolve(), sandbox.Limits(), hidden=[Path({str(secret)!r})])
-        print(report.hidden, os.listdir({str(secret)!r}))
-    """)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert proc.stdout.strip().endswith("[]"), proc.stdout + proc.stderr
-    assert str(secret) in proc.stdout and (secret / "answer.txt").exists()
+        print("OUT", sorted(os.listdir({str(out)!r})), sorted(os.listdir({str(out / "scratch")!r})))
+        print("CACHE", open({str(out / "scratch" / "mine" / "cache.txt")!r}).read())
+        for p in [{str(out / "gradebook.db")!r}, {str(out / "scratch" / "other" / "job.json")!r}]:
+            print("SEEN" if os.path.exists(p) else "UNSEEN", p)
+        try:
+            open({str(out / "scratch" / "mine" / "x")!r}, "w")
+            print("WROTE")
+        except OSError:
+            print("READONLY")
+    """, hidden=[out], expose=[out / "scratch" / "mine"])
+    assert "OUT ['scratch'] ['mine']" in proc.stdout, proc.stdout + proc.stderr
+    assert "CACHE cache" in proc.stdout and "SEEN" not in proc.stdout.replace("UNSEEN", "")
+    assert "READONLY" in proc.stdout, "an exposed folder that is not writable must be read-only"
+    assert (out / "gradebook.db").read_text() == "secret"
+
+
+def test_sandbox_namespaces_are_locked_and_isolated(tmp_path):
+    """Root inside the user namespace cannot undo the sandbox: covers cannot be unmounted, read-only mounts
+    cannot be made writable again; the process is pid 1 of its own PID namespace; the network is down."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "secret").write_text("42")
+    proc = _sandboxed(tmp_path, f"""
+        import ctypes, os, socket
+        libc = ctypes.CDLL(None, use_errno=True)
+        print("UMOUNT", libc.umount2({str(out).encode()!r}, 2))
+        print("REMOUNT", libc.mount(None, b"/", None, ctypes.c_ulong(32 | 4096), None))
+        print("MOUNT_RW", libc.mount(None, {str(tmp_path).encode()!r}, None, ctypes.c_ulong(32 | 4096), None))
+        print("SECRET", os.path.exists({str(out / "secret")!r}))
+        try:
+            open({str(tmp_path / "evil")!r}, "w")
+            print("WROTE")
+        except OSError:
+            print("READONLY")
+        print("PID", os.getpid(), "PROCS", len([d for d in os.listdir("/proc") if d.isdigit()]))
+        try:
+            socket.create_connection(("127.0.0.1", 22), timeout=2)
+            print("NET open")
+        except OSError as e:
+            print("NET", e.errno)
+    """, hidden=[out])
+    lines = proc.stdout
+    assert '"isolation": "namespaces"' in lines, lines + proc.stderr
+    for needle in ("UMOUNT -1", "REMOUNT -1", "MOUNT_RW -1", "SECRET False", "READONLY", "PID 1 PROCS 1", "NET 101"):
+        assert needle in lines, (needle, lines, proc.stderr)
+    assert not (tmp_path / "evil").exists()
 
 
 def test_sandbox_memory_limit_turns_a_bomb_into_memory_error(tmp_path):
@@ -249,6 +296,20 @@ def test_sandbox_memory_limit_turns_a_bomb_into_memory_error(tmp_path):
     """, memory_mb=2048)
     assert "MemoryError after" in proc.stdout, proc.stdout + proc.stderr
     assert int(proc.stdout.split("MemoryError after")[1].split()[0]) < 4
+
+
+def test_sandbox_refuses_to_run_unisolated_unless_asked(tmp_path):
+    from autograder import sandbox
+    plan = sandbox.Plan(writable=[str(tmp_path)], cwd=str(tmp_path))
+    prog = ("from pathlib import Path; from autograder import sandbox; from autograder.contracts import Limits\n"
+            f"r, a = sandbox.enter(sandbox.Plan.from_env({plan.to_env()!r}), Limits(), Path({str(tmp_path / 'a.jsonl')!r}))\n"
+            "print('ISOLATION', r.isolation)")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    plain = subprocess.run([PY, "-c", prog], capture_output=True, text=True, timeout=60, env=env)
+    assert plain.returncode != 0 and "not started in a PID namespace" in plain.stderr
+    asked = subprocess.run([PY, "-c", prog], capture_output=True, text=True, timeout=60,
+                           env=dict(env, AUTOGRADER_ISOLATION="none"))
+    assert "ISOLATION none: learner code ran WITHOUT namespaces" in asked.stdout, asked.stdout + asked.stderr
 
 
 # -- judge -------------------------------------------------------------------------------------------------------------
@@ -265,16 +326,14 @@ GOOD = {"lora_delta": "def lora_delta(A, B, alpha, r):\n    return (alpha / r) *
 
 
 def _judge(tmp_path, cells: dict[str, str]) -> tuple[dict, dict]:
-    from autograder.worker import run_judge
+    from autograder.contracts import Limits
     exercises = ["99.lora_delta", "99.scaled_linear"]
     ref = tmp_path / "ref.safetensors"
-    assert judge.reference_outputs(exercises, ref) == {}
-    job = dict(limits=dict(memory_mb=3072, cpu_seconds=120, file_mb=16), exercises=exercises, cell_timeout=10,
-               judge_timeout=120,
-               blocked_reads=[str(Path(judge.__file__).parents[1] / "lora_ref")])
+    assert judge.reference_outputs(exercises, ref, secret=7) == {}
     answers = [{"grade_id": g, "source": s} for g, s in cells.items()]
-    log, deaths = run_judge(job, tmp_path, answers)
-    out = judge.verdicts(exercises, log, tmp_path / "judge" / "outputs.safetensors", ref)
+    log, deaths = judge.run_judge(answers, exercises, ref, tmp_path / "judge", limits=Limits(memory_mb=3072, cpu_seconds=120),
+                                  cell_timeout=10, judge_timeout=120, hidden=[str(tmp_path)])
+    out = judge.verdicts(exercises, log, ref)
     return {k: v.passed for k, v in out.items()}, dict(log=log, deaths=deaths, outcomes=out)
 
 
@@ -306,7 +365,8 @@ def test_judge_blocks_the_reference_and_survives_a_crash(tmp_path):
              "scaled_linear": GOOD["scaled_linear"] + "\nimport os\nos._exit(3)"}
     verdict, info = _judge(tmp_path, cells)
     assert verdict == {"99.lora_delta": False, "99.scaled_linear": False}
-    assert "not allowed" in info["log"]["cells"]["lora_delta"]
+    # the reference is not in the harness at all (names bound to references are deleted, lora_ref is sealed)
+    assert info["log"]["cells"]["lora_delta"].startswith("ImportError")
     assert info["deaths"] and "scaled_linear" in info["deaths"][0]
     assert "skipped" in info["log"]["cells"]["scaled_linear"]
 
