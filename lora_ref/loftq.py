@@ -22,6 +22,7 @@ worse than QLoRA, and more iterations can reduce it further (the paper uses T = 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -46,13 +47,15 @@ def low_rank_factors(M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def loftq_factors(W: torch.Tensor, r: int, scaling: float = 1.0, num_iter: int = 1, blocksize: int = 64,
+def loftq_factors(W: torch.Tensor, r: int, scaling: float = 1.0, num_iter: int = 1,
+                  quantize: Callable[[torch.Tensor], torch.Tensor] | None = None, blocksize: int = 64,
                   double_quant: bool = False, quant_type: str = "nf4"
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LoftQ Algorithm 1: (Q (out, in) dequantised, A (r, in), B (out, r)), all fp32, Q + s B A ~ W.
 
-    Q is exactly representable in the 4-bit format (it is a dequantised result), so quantising it again
-    with the same settings gives it back. ``num_iter`` = T >= 1.
+    ``quantize`` maps a weight to dequant(quant(weight)); default :func:`nf4_roundtrip` with ``blocksize``,
+    ``double_quant`` and ``quant_type``. Q is exactly representable in the 4-bit format (it is a
+    dequantised result), so quantising it again with the same settings gives it back. ``num_iter`` = T >= 1.
     """
     _check_matrix(W)
     _check_rank(r, W)
@@ -62,8 +65,8 @@ def loftq_factors(W: torch.Tensor, r: int, scaling: float = 1.0, num_iter: int =
         raise ValueError(f"scaling={scaling!r} must be positive")
     W = W.detach().float()
     residual = W
-    for t in range(num_iter):
-        Q = nf4_roundtrip(residual, blocksize, double_quant, quant_type)     # Q_t = q(W - L R)
+    for _ in range(num_iter):                                                # Q_t = q(W - L_{t-1} R_{t-1})
+        Q = quantize(residual).float() if quantize else nf4_roundtrip(residual, blocksize, double_quant, quant_type)
         L, R = low_rank_factors(W - Q, r)                                    # L_t R_t ~ W - Q_t
         residual = W - L @ R
     root = math.sqrt(scaling)
@@ -92,7 +95,7 @@ def apply_loftq(model: nn.Module, num_iter: int = 1, blocksize: int = 64, double
         if not w.dtype.is_floating_point:
             raise TypeError(f"{name}: LoftQ needs the dense base weight, got {w.dtype}; run it before quantising")
         W = w.detach().float()
-        Q, A, B = loftq_factors(W, layer.r, layer.scaling, num_iter, blocksize, double_quant, quant_type)
+        Q, A, B = loftq_factors(W, layer.r, layer.scaling, num_iter, None, blocksize, double_quant, quant_type)
         errors[name] = {"qlora": step0_error(W, nf4_roundtrip(W, blocksize, double_quant, quant_type)),
                         "loftq": step0_error(W, Q, A, B, layer.scaling)}
         layer.lora_A.copy_(A.to(layer.lora_A.dtype))
