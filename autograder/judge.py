@@ -267,7 +267,7 @@ def harmless_modules() -> list[str]:
 
     import lora_ref
     import lora_ref.exercises as exercises
-    exercises._load_all()
+    exercises.load_all()
     holders = {getattr(ex.reference, "__module__", None) for ex in exercises.REGISTRY.values()}
     names = [f"lora_ref.{m.name}" for m in pkgutil.iter_modules(lora_ref.__path__)
              if f"lora_ref.{m.name}" in INPUT_MODULES]

@@ -125,7 +125,7 @@ def _append(cell, code: str) -> None:
 def cheat_reference(nb, assignment: str) -> None:
     """Each answer cell imports the reference objects of the exercises it should define."""
     import lora_ref.exercises as exercises
-    exercises._load_all()
+    exercises.load_all()
     symbols = {}
     for ex in exercises.REGISTRY.values():
         ref = ex.reference

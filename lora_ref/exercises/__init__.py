@@ -61,7 +61,7 @@ def register(ex: Exercise) -> Exercise:
     return ex
 
 
-def _load_all() -> None:
+def load_all() -> None:
     """Import every ``nbNN`` module beside this file, then any module named in the environment
     variable ``LORA_REF_EXTRA_EXERCISES`` (comma-separated; the autograder's tests use it)."""
     for mod in pkgutil.iter_modules(__path__):
@@ -73,7 +73,7 @@ def _load_all() -> None:
 
 def get(exercise_id: str) -> Exercise:
     if exercise_id not in REGISTRY:
-        _load_all()
+        load_all()
     try:
         return REGISTRY[exercise_id]
     except KeyError:
