@@ -76,9 +76,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-GRADING = "NBGRADER_EXECUTION" in os.environ
+from lora_ref.models import notebook_setup
+
+GRADING, DEVICE = notebook_setup()     # grading mode (nbgrader running: demos shrink), CUDA or CPU, CPU threads
 print(f"Python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPU cores")
-print(f"grading mode (NBGRADER_EXECUTION set): {GRADING}")
 
 # %% [markdown]
 # ## 2. Environment check

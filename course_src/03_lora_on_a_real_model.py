@@ -39,13 +39,11 @@ from tqdm.auto import tqdm
 from lora_ref import data, training
 from lora_ref.adapters import load_adapter, save_adapter
 from lora_ref.lora import LoRAConfig, count_parameters, inject_lora, lora_layers
-from lora_ref.models import configure_cpu_threads, load_smollm2, pick_device
+from lora_ref.methods import prepare_model
+from lora_ref.models import load_smollm2, notebook_setup
 
-GRADING = "NBGRADER_EXECUTION" in os.environ     # set by nbgrader: demo training shrinks while grading
-DEVICE = pick_device()
+GRADING, DEVICE = notebook_setup()     # grading mode (nbgrader running: demos shrink), CUDA or CPU, CPU threads
 ON_GPU = DEVICE.type == "cuda"
-configure_cpu_threads()        # OMP_NUM_THREADS if set, 1 thread on a busy machine, else up to 4
-print(f"torch {torch.__version__} on {DEVICE}, {torch.get_num_threads()} thread(s); grading mode: {GRADING}")
 
 # %% [markdown]
 # ## 1. The data: facts the base model cannot know
@@ -382,12 +380,11 @@ def training_state_bytes(model, opt):
 
 def run(method):
     model = copy.deepcopy(model_base)
-    if method == "LoRA":
-        inject_lora(model, LORA)
+    if method == "LoRA":                    # lora_ref.methods.prepare_model: the setup every comparison uses
+        prepare_model(model, "lora", LORA)
         lr = 1e-3
     else:
-        for p in model.parameters():
-            p.requires_grad_(True)
+        prepare_model(model, "full")
         lr = 1e-4
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)

@@ -39,12 +39,9 @@ from tqdm.auto import tqdm
 
 from lora_ref import data, lowrank, sweep
 from lora_ref.lora import LoRAConfig, count_parameters, inject_lora, lora_layers
-from lora_ref.models import configure_cpu_threads, load_smollm2, pick_device
+from lora_ref.models import load_smollm2, notebook_setup
 
-GRADING = "NBGRADER_EXECUTION" in os.environ     # set by nbgrader: demo training shrinks while grading
-DEVICE = pick_device()
-configure_cpu_threads()        # OMP_NUM_THREADS if set, 1 thread on a busy machine, else up to 4
-print(f"torch {torch.__version__} on {DEVICE}, {torch.get_num_threads()} thread(s); grading mode: {GRADING}")
+GRADING, DEVICE = notebook_setup()     # grading mode (nbgrader running: demos shrink), CUDA or CPU, CPU threads
 
 # %% [markdown]
 # ## 1. What r and alpha control
