@@ -56,6 +56,14 @@ class AdamW8bit(torch.optim.Optimizer):
         self.maps = {True: quant.create_dynamic_map(signed=True),        # m can be negative
                      False: quant.create_dynamic_map(signed=False)}      # v = E[g^2] >= 0
 
+    def __getstate__(self) -> dict:
+        """For pickle and deepcopy: torch keeps only defaults, state and param_groups; add our settings."""
+        return {**super().__getstate__(), "blocksize": self.blocksize, "min_8bit_size": self.min_8bit_size}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.maps = {True: quant.create_dynamic_map(signed=True), False: quant.create_dynamic_map(signed=False)}
+
     def _load(self, state: dict, key: str, p: torch.Tensor) -> torch.Tensor:
         """The fp32 moment ``key`` of p: dequant(q) * absmax per block, or the fp32 tensor itself."""
         if key in state:
@@ -78,33 +86,36 @@ class AdamW8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamW8bit does not support sparse gradients")
-                state, eight_bit = self.state[p], p.numel() >= self.min_8bit_size
-                if not state:                                        # m = v = 0, stored as they will be
-                    state["step"] = torch.zeros((), device=p.device)
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        self._store(state, key, torch.zeros(p.shape, device=p.device), eight_bit)
-                g, p32 = p.grad.float(), p.detach().float().clone()
-                state["step"] += 1
-                t = float(state["step"])
-                m, v = self._load(state, "exp_avg", p), self._load(state, "exp_avg_sq", p)
-                m.mul_(b1).add_(g, alpha=1 - b1)                     # m = b1 m + (1 - b1) g
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)              # v = b2 v + (1 - b2) g^2
-                if wd:
-                    p32.mul_(1 - lr * wd)                            # p = p (1 - lr wd): decoupled decay
-                step_size = lr / (1 - b1 ** t)                       # bias corrections (Adam, Section 2)
-                denom = v.sqrt().div_(math.sqrt(1 - b2 ** t)).add_(eps)
-                p32.addcdiv_(m, denom.div_(step_size), value=-1.0)   # p -= lr/(1-b1^t) m / (sqrt(v/(1-b2^t)) + eps)
-                p.copy_(p32)
-                self._store(state, "exp_avg", m, eight_bit)          # m_q, v_q = quant(m), quant(v)
-                self._store(state, "exp_avg_sq", v, eight_bit)
+        for index, group in enumerate(self.param_groups):
+            self._update_group(index, group)
         return loss
+
+    def _update_group(self, index: int, group: dict) -> None:
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdamW8bit does not support sparse gradients")
+            state, eight_bit = self.state[p], p.numel() >= self.min_8bit_size
+            if not state:                                        # m = v = 0, stored as they will be
+                state["step"] = torch.zeros((), device=p.device)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    self._store(state, key, torch.zeros(p.shape, device=p.device), eight_bit)
+            g, p32 = p.grad.float(), p.detach().float().clone()
+            state["step"] += 1
+            t = float(state["step"])
+            m, v = self._load(state, "exp_avg", p), self._load(state, "exp_avg_sq", p)
+            m.mul_(b1).add_(g, alpha=1 - b1)                     # m = b1 m + (1 - b1) g
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)              # v = b2 v + (1 - b2) g^2
+            if wd:
+                p32.mul_(1 - lr * wd)                            # p = p (1 - lr wd): decoupled decay
+            step_size = lr / (1 - b1 ** t)                       # bias corrections (Adam, Section 2)
+            denom = v.sqrt().div_(math.sqrt(1 - b2 ** t)).add_(eps)
+            p32.addcdiv_(m, denom.div_(step_size), value=-1.0)   # p -= lr/(1-b1^t) m / (sqrt(v/(1-b2^t)) + eps)
+            p.copy_(p32)
+            self._store(state, "exp_avg", m, eight_bit)          # m_q, v_q = quant(m), quant(v)
+            self._store(state, "exp_avg_sq", v, eight_bit)
 
 
 def optimizer_state_nbytes(optimizer: torch.optim.Optimizer, include_step: bool = False) -> int:

@@ -381,3 +381,9 @@ def test_readable_and_fast_adamw8bit_are_the_same_update(kw):
 def test_readable_adamw8bit_state_bytes_have_no_padding():
     pa, _, oa, _ = _run_both([(40, 64), (300,)], steps=1, min_8bit_size=256)
     assert optim.optimizer_state_nbytes(oa) == 2 * (2560 + 10 * 4) + 2 * (300 + 2 * 4)
+
+
+def test_readable_adamw8bit_deepcopy_keeps_its_settings():
+    pa, _, oa, _ = _run_both([(40, 64)], steps=1, min_8bit_size=256, blocksize=64)
+    clone = copy.deepcopy(oa)
+    assert (clone.blocksize, clone.min_8bit_size) == (64, 256) and torch.equal(clone.maps[True], oa.maps[True])
