@@ -83,7 +83,10 @@ def test_once_with_answer_and_json(tmp_path):
 def test_bad_input_messages(tmp_path, capsys):
     rc, out = call(["--db", str(tmp_path / "p.sqlite"), "practice", "--once", "--id", "gen.bits@1", "--answer",
                     "lots", "--json"])
-    assert rc == 0 and "could not read a number" in json.loads(out)["feedback"]
+    # an unreadable answer is not graded or recorded (issue 13): exit 2, the answer not revealed
+    assert rc == 2 and json.loads(out)["unreadable"] and "could not read a number" in json.loads(out)["feedback"]
+    with Progress(tmp_path / "p.sqlite") as p:
+        assert p.reviews() == []
     rc, _ = call(["show", "lora.nope"])
     assert rc == 2 and "no bank item" in capsys.readouterr().err
     rc, out = call(["--db", str(tmp_path / "p.sqlite"), "practice", "--once", "--id", "lora.init"], "x\n\nseven\n4\n")

@@ -91,9 +91,11 @@ def test_free_text_coverage_scores_and_suggestions():
 
 
 def test_free_text_limits_are_stated_and_real():
-    # the documented blind spot: a negated statement still "covers" the point
+    # a plain negation is caught now (issue 13); saying the opposite in other words is the stated blind spot
     item = bank.get_item("lora.init")
-    assert grade_free(item, "B is not zero").covered == grade_free(item, "B is zero").covered
+    assert grade_free(item, "B is not zero").contradicted == ("B is zero at init",)
+    assert grade_free(item, "B is nonzero, a large value").covered == ()            # not covered either
+    assert "B is zero at init" in grade_free(item, "B starts at a big value, far from zero").covered   # blind spot
     assert "opposite" in FREE_TEXT_LIMITS and "rate yourself" in FREE_TEXT_LIMITS
 
 

@@ -78,7 +78,7 @@ def read_answer(con: Console, item: Item) -> str | None:
 
 def show_result(con: Console, answered: Answered) -> None:
     g = answered.grade
-    con.say(("CORRECT. " if g.correct else "") + g.feedback)
+    con.say(f"{g.verdict}. {g.feedback}")
     con.say("-" * 72)
     con.say(model_answer_text(answered.item))
     if answered.item.kind in ("free", "bug"):
@@ -107,13 +107,17 @@ def ask_one(con: Console, drill: Drill, item: Item, mode: str = "practice",
     con.say("=" * 72)
     con.say(f"[{TOPICS[item.topic]} | {item.kind} | difficulty {item.difficulty} | {item.id}]")
     con.say(question_text(item))
-    response = read_answer(con, item)
-    if response is None or response.strip() == QUIT:
-        raise _Quit
-    if response.strip() == SKIP:
-        con.say("Skipped.")
-        return None
-    answered = drill.answer(item, response)
+    while True:
+        response = read_answer(con, item)
+        if response is None or response.strip() == QUIT:
+            raise _Quit
+        if response.strip() == SKIP:
+            con.say("Skipped.")
+            return None
+        answered = drill.answer(item, response)
+        if not answered.grade.unreadable:
+            break
+        con.say(answered.grade.feedback + " (or :skip)")        # no number / option: ask again, reveal nothing
     show_result(con, answered)
     rating = ask_rating(con, answered.grade.suggested)
     (record or (lambda a, r: drill.rate(a, r, mode=mode)))(answered, rating)
@@ -151,6 +155,11 @@ def _once(args, con: Console, drill: Drill) -> int:
         rating = None
     else:
         answered = drill.answer(item, args.answer)
+        if answered.grade.unreadable:          # nothing graded, nothing recorded, the answer not shown
+            if args.json:
+                con.say(json.dumps({"item": item.id, "unreadable": True, "feedback": answered.grade.feedback}))
+            print(f"lora-drill: {answered.grade.feedback}", file=sys.stderr)
+            return 2
         rating = args.rating
         drill.rate(answered, rating)
         if not args.json:
@@ -226,6 +235,23 @@ def cmd_topics(args, con: Console) -> int:
     return 0
 
 
+def cmd_from_grades(args, con: Console) -> int:
+    from .from_grades import schedule_from_file
+    with Progress(args.db) as progress:
+        for path in args.reports:
+            try:
+                done = schedule_from_file(progress, path)
+            except FileNotFoundError as err:
+                raise ValueError(str(err)) from None
+            if not done.failed:
+                con.say(f"{path}: no failed exercise; nothing scheduled")
+                continue
+            con.say(f"{path}: failed {', '.join(done.failed)}")
+            con.say(f"  topics {', '.join(done.topics)}: {len(done.cards)} cards due now "
+                    f"(lora-drill practice starts with them)")
+    return 0
+
+
 def _help_text(doc: str) -> tuple[str, str]:
     """The module docstring as --help shows it: (description, epilog), each said once, without the
     reStructuredText ``literal`` markup that is for the docs, not the terminal."""
@@ -269,11 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("show", help="show a question with its model answer")
     sh.add_argument("id", help="bank id, generator id, or gen.x@seed (lora-drill list shows them)")
     sub.add_parser("topics", help="list the topics")
+    fg = sub.add_parser("from-grades", help="make the cards of the topics of failed exercises due now")
+    fg.add_argument("reports", nargs="+", metavar="REPORT",
+                    help="the autograder's results/<assignment>/<student>.json, or the output of "
+                         "`python -m autograder validate --json NOTEBOOK` saved to a file")
     return p
 
 
 COMMANDS = {"practice": cmd_practice, "mock": cmd_mock, "stats": cmd_stats, "list": cmd_list,
-            "show": cmd_show, "topics": cmd_topics}
+            "show": cmd_show, "topics": cmd_topics, "from-grades": cmd_from_grades}
 
 
 def main(argv: list[str] | None = None, inp: TextIO | None = None, out: TextIO | None = None) -> int:

@@ -9,7 +9,14 @@ counts use K/M/B(n)/T. A bare number is read in the unit the question asks for (
 
 Free text: the answer and each key point's phrasings are normalised (case, British/American spelling,
 hyphens, a few synonyms, crude stemming) and a phrasing counts when all its words occur. The score is
-the fraction of key points covered. :data:`FREE_TEXT_LIMITS` says what this cannot judge.
+the fraction of key points covered. A key point stated the other way round ("B is not zero" for "B is
+zero") is *contradicted*, not covered: within one clause, a negation word ("not", "no", "never",
+"nothing", "without", "-n't", ...) just before or among the phrasing's words (:func:`negated`). The
+verdict is never CORRECT with a contradicted key point. :data:`FREE_TEXT_LIMITS` says what this cannot
+judge.
+
+An answer that cannot be read at all (a numeric question answered "about a third", a choice answered
+"maybe") is :attr:`Grade.unreadable`: the fronts ask again instead of grading it and showing the answer.
 """
 from __future__ import annotations
 
@@ -24,8 +31,8 @@ RATING_NAMES = {AGAIN: "again", HARD: "hard", GOOD: "good", EASY: "easy"}
 
 FREE_TEXT_LIMITS = (
     "Automatic free-text scoring only checks whether the key ideas are *mentioned* (words and synonyms). "
-    "It cannot tell whether your reasoning is right, whether you said the opposite ('B is not zero' "
-    "matches 'B zero'), whether numbers you quote are correct, whether an idea phrased in words it does "
+    "It cannot tell whether your reasoning is right; it catches a plain negation of a key point ('B is "
+    "not zero') but not every way of saying the opposite; it cannot tell whether numbers you quote are correct, whether an idea phrased in words it does "
     "not know is there, or whether the answer would convince an interviewer. Read the model answer, "
     "then rate yourself: your rating, not the coverage score, is what schedules the card."
 )
@@ -41,6 +48,17 @@ class Grade:
     missed: tuple[str, ...] = ()
     parsed: float | None = None       # numeric: what the learner's answer was read as, in base units
     notes: tuple[str, ...] = field(default=())
+    contradicted: tuple[str, ...] = ()   # key points the answer states the other way round (free text / bug)
+    unreadable: bool = False          # not an answer to grade (no number, no option): ask again, reveal nothing
+
+    @property
+    def verdict(self) -> str:
+        """One word for the fronts: CORRECT, PARTLY RIGHT, WRONG, or UNREADABLE (ask again)."""
+        if self.unreadable:
+            return "UNREADABLE"
+        if self.correct:
+            return "CORRECT"
+        return "PARTLY RIGHT" if self.score >= 0.4 and not self.contradicted else "WRONG"
 
 
 # ----------------------------------------------------------------------------------------- numbers
@@ -132,8 +150,9 @@ def grade_numeric(item: Item, text: str) -> Grade:
     shown = format_quantity(expected, item.unit, item.answer_unit)
     try:
         got = parse_quantity(text, item.unit, item.answer_unit)
-    except QuantityError as err:
-        return Grade(0.0, False, f"{err}. Expected {shown}.", AGAIN)
+    except QuantityError as err:      # not a wrong answer, no answer at all: say why, reveal nothing
+        example = f"a number in {item.answer_unit}" if item.answer_unit else "a number such as 16.8M, 2 GB or 0.33"
+        return Grade(0.0, False, f"{err}. Answer with {example}.", AGAIN, unreadable=True)
     rel = abs(got - expected) / abs(expected) if expected else abs(got)
     if rel <= item.rel_tol:
         return Grade(1.0, True, f"Correct: {shown} (you: {got:,.6g}, within {item.rel_tol:.1%}).", GOOD, parsed=got)
@@ -165,7 +184,7 @@ def grade_choice(item: Item, text: str) -> Grade:
     try:
         idx = parse_choice(text, len(item.choices))
     except QuantityError as err:
-        return Grade(0.0, False, f"{err}. The answer is {right}.", AGAIN)
+        return Grade(0.0, False, f"{err}.", AGAIN, unreadable=True)
     if idx == item.correct:
         return Grade(1.0, True, f"Correct: {right}.", GOOD)
     return Grade(0.0, False, f"No: the answer is {right}.", AGAIN)
@@ -238,14 +257,64 @@ def _phrase(text: str) -> tuple[str, ...]:
     return tuple(normalise(text))
 
 
-def grade_free(item: Item, text: str) -> Grade:
-    """Score = covered key points / all key points; rating suggestion from the score."""
+_NEGATORS = frozenset(normalise("not no never nothing none neither nor without cannot non nobody nowhere"))
+# clause boundaries: sentence ends (not decimal points), semicolons, commas, contrastive conjunctions
+_CLAUSE = re.compile(r"(?<!\d)[.!?](?!\d)|[;\n,]|\b(?:but|while|whereas|however|although|though)\b", re.I)
+
+
+def _clauses(text: str) -> list[list[str]]:
+    expanded = re.sub(r"n['’]t\b", " not", re.sub(r"\bcannot\b", "can not", text, flags=re.I), flags=re.I)
+    return [toks for part in _CLAUSE.split(expanded) if (toks := normalise(part))]
+
+
+def _negated_in(clause: list[str], words: tuple[str, ...]) -> bool | None:
+    """None if the clause lacks a word of the phrasing; else whether a negator sits just before the first
+    matched word (1 token for a one-word phrasing, 2 for longer ones) or among the matched words."""
+    positions = []
+    for w in words:
+        pos = next((i for i, t in enumerate(clause) if t == w or (len(w) >= 4 and not w.isdigit()
+                                                                  and t.startswith(w))), None)
+        if pos is None:
+            return None
+        positions.append(pos)
+    first, last = min(positions), max(positions)
+    reach = 1 if len(words) == 1 else 2
+    return any(t in _NEGATORS and i not in positions for i, t in enumerate(clause)
+               if first - reach <= i < last or i == first - 1)
+
+
+def negated(text: str, point: KeyPoint) -> bool:
+    """True when ``text`` mentions ``point`` only the other way round: every clause holding all words of a
+    phrasing negates them (see :func:`_negated_in`). Key points that are negative themselves ("no copy",
+    "not a score") are never judged this way: "not" there is the point, not its opposite."""
+    if _NEGATORS & set(normalise(point.text)):
+        return False
+    verdicts = [v for p in point.any_of if not (_NEGATORS & set(_phrase(p)))
+                for clause in _clauses(text) if (v := _negated_in(clause, _phrase(p))) is not None]
+    return bool(verdicts) and all(verdicts)
+
+
+def _key_points(item: Item, text: str) -> tuple[list[str], list[str], list[str]]:
+    """(covered, contradicted, missed) key point texts."""
     tokens = set(normalise(text))
-    covered = [p.text for p in item.key_points if covers(tokens, p)]
-    missed = [p.text for p in item.key_points if p.text not in covered]
+    covered, contradicted, missed = [], [], []
+    for p in item.key_points:
+        if not covers(tokens, p):
+            missed.append(p.text)
+        elif negated(text, p):
+            contradicted.append(p.text)
+        else:
+            covered.append(p.text)
+    return covered, contradicted, missed
+
+
+def grade_free(item: Item, text: str) -> Grade:
+    """Score = covered key points / all key points (a contradicted one counts as not covered); correct
+    from 0.6 with nothing contradicted; rating suggestion from the score."""
+    covered, contradicted, missed = _key_points(item, text)
     score = len(covered) / len(item.key_points)
-    return Grade(score, score >= 0.6, _coverage_feedback(covered, missed), _suggest(score),
-                 tuple(covered), tuple(missed))
+    return Grade(score, score >= 0.6 and not contradicted, _coverage_feedback(covered, missed, contradicted),
+                 _suggest(score), tuple(covered), tuple(missed + contradicted), contradicted=tuple(contradicted))
 
 
 _LINE_REF = re.compile(r"\b(?:lines?|l\.?|ln)\s*(\d+(?:\s*(?:,|and|&|-|to)\s*\d+)*)|^\s*(\d+)\b", re.I)
@@ -265,22 +334,23 @@ def cited_lines(text: str) -> set[int]:
 
 def grade_bug(item: Item, text: str) -> Grade:
     """Spot-the-bug: one point for citing a buggy line, one per key point explained."""
-    tokens = set(normalise(text))
     lines = cited_lines(text)
     hit_line = bool(lines & set(item.bug_lines))
-    covered = [p.text for p in item.key_points if covers(tokens, p)]
-    missed = [p.text for p in item.key_points if p.text not in covered]
+    covered, contradicted, missed = _key_points(item, text)
     score = (hit_line + len(covered)) / (1 + len(item.key_points))
     where = ", ".join(map(str, item.bug_lines))
     line_msg = (f"Right line ({where})." if hit_line else
                 f"The bug is on line {where}" + (f"; you cited {sorted(lines)}." if lines else " (cite it as 'line N')."))
-    return Grade(score, hit_line and score >= 0.5, line_msg + " " + _coverage_feedback(covered, missed),
-                 _suggest(score), tuple(covered), tuple(missed))
+    return Grade(score, hit_line and score >= 0.5 and not contradicted,
+                 line_msg + " " + _coverage_feedback(covered, missed, contradicted),
+                 _suggest(score), tuple(covered), tuple(missed + contradicted), contradicted=tuple(contradicted))
 
 
-def _coverage_feedback(covered: list[str], missed: list[str]) -> str:
-    n = len(covered) + len(missed)
+def _coverage_feedback(covered: list[str], missed: list[str], contradicted: list[str] = ()) -> str:
+    n = len(covered) + len(missed) + len(contradicted)
     parts = [f"Key points covered: {len(covered)}/{n}."]
+    if contradicted:
+        parts.append("You said the opposite of: " + "; ".join(contradicted) + ".")
     if missed:
         parts.append("Missing: " + "; ".join(missed) + ".")
     return " ".join(parts)

@@ -118,9 +118,14 @@ class DrillWidget(w.VBox):
     def on_check(self) -> None:
         if self.item is None or self.answered is not None:
             return
-        self.answered = self.drill.answer(self.item, self.response())
-        g = self.answered.grade
-        verdict = "<b style='color:green'>Correct.</b> " if g.correct else ""
+        answered = self.drill.answer(self.item, self.response())
+        g = answered.grade
+        if g.unreadable:                                  # ask again: nothing graded, the answer not shown
+            self.feedback.value = f"<p><b>{html.escape(g.feedback)}</b></p>"
+            return
+        self.answered = answered
+        color = {"CORRECT": "green", "PARTLY RIGHT": "darkorange"}.get(g.verdict, "firebrick")
+        verdict = f"<b style='color:{color}'>{g.verdict.capitalize()}.</b> "
         note = (f"<p><small>{html.escape(FREE_TEXT_LIMITS)}</small></p>" if self.item.kind in ("free", "bug") else "")
         self.feedback.value = (f"<p>{verdict}{html.escape(g.feedback)}</p>" + _pre(model_answer_text(self.item)) + note)
         self.rating.value = g.suggested
