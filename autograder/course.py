@@ -70,6 +70,36 @@ class Assignment:
         return {c.grade_id: c for c in self.cells if c.grade_id}
 
 
+def answer_code_cells(nb) -> list:
+    """The answer cells of a notebook (nbgrader ``solution=true, grade=false``, code), in order: what the
+    judge replays, alone, in a fresh process (course convention: they are self-contained)."""
+    return [c for c in nb.cells if cell_kind(c) == "answer" and c.cell_type == "code"]
+
+
+def answer_cells(nb) -> list[dict]:
+    """:func:`answer_code_cells` as ``[{"grade_id", "source"}]``, the form the judge takes."""
+    return [{"grade_id": c.metadata["nbgrader"]["grade_id"], "source": c.source} for c in answer_code_cells(nb)]
+
+
+def answer_namespace() -> dict:
+    """The globals an answer cell runs in when replayed alone: ``torch, nn, F, math, np`` (the course's
+    convention, CONTRIBUTING.md) and a ``get_ipython`` whose magics do nothing."""
+    import builtins
+    import math
+
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    return {"__name__": "__main__", "__builtins__": builtins, "torch": torch, "nn": nn, "F": F,
+            "math": math, "np": np, "get_ipython": lambda: _NoMagic()}
+
+
+class _NoMagic:
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+
 def cell_kind(cell) -> str:
     meta = cell.get("metadata", {}).get("nbgrader")
     if not meta:

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from autograder import sandbox
 from autograder.contracts import Limits
+from autograder.course import answer_namespace
 
 WATCHED_MODULES = ("torch", "torch.nn", "torch.nn.functional", "torch.testing", "torch.linalg", "numpy",
                    "numpy.testing", "math", "builtins", "unittest", "safetensors.torch")
@@ -182,6 +183,8 @@ def load_drivers(modules: list[str], allowed: list[str] = (), unsealed: list[str
                 if any(value is r for r in refs):
                     delattr(mod, attr)
     del refs
+    for name in [m for m in sys.modules if m == "lora_ref" or m.startswith("lora_ref.exercises") or m in modules]:
+        del sys.modules[name]     # the drivers keep what they use; a learner's import meets the audit hook
     gc.collect()
     return drivers
 
@@ -275,23 +278,6 @@ def _restore_builtins(saved: dict, found: list) -> None:
     found.extend(f"deleted builtins.{k}" for k in removed)
 
 
-def answer_namespace() -> dict:
-    """What an answer cell sees when replayed alone: ``torch, nn, F, math, np`` (course convention)."""
-    import math
-
-    import numpy as np
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-    return {"__name__": "__main__", "__builtins__": builtins, "torch": torch, "nn": nn, "F": F,
-            "math": math, "np": np, "get_ipython": lambda: _NoMagic()}
-
-
-class _NoMagic:
-    def __getattr__(self, name):
-        return lambda *a, **k: None
-
-
 def _exec_cell(source: str, grade_id: str, namespace: dict, timeout: float) -> str:
     from IPython.core.inputtransformer2 import TransformerManager
     try:
@@ -338,7 +324,7 @@ def main() -> None:
                                     blocked_imports=("lora_ref", "autograder", "nbgrader"), block_processes=True)
     send({"containment": report.isolation, "report": report.__dict__})
     auditor.install()
-    namespace = answer_namespace()
+    namespace = answer_namespace()      # autograder.course: the one definition of what answer cells see
     signal.signal(signal.SIGALRM, _alarm)
     before = _snapshot()
     saved_builtins = dict(builtins.__dict__)

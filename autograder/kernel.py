@@ -59,6 +59,9 @@ def main() -> None:
     from autograder.contracts import Limits
 
     scratch = Path(os.environ["AUTOGRADER_SCRATCH"]).resolve()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):          # inherited from the worker (its log): learner code could reopen them
+        os.dup2(null, fd)
     plan = sandbox.Plan.from_env(os.environ.get("AUTOGRADER_PLAN") or json.dumps({"writable": [str(scratch)]}))
     report, auditor = sandbox.enter(plan, Limits.from_env(), scratch / "audit.jsonl")
     layout.kernel_containment(scratch).write_text(json.dumps({"isolation": report.isolation, **report.__dict__}))

@@ -64,7 +64,8 @@ def perfect(student_nb, solution_nb):
 
 
 def _answers(nb):
-    return [c for c in nb.cells if cell_kind(c) == "answer" and c.cell_type == "code"]
+    from autograder.course import answer_code_cells
+    return answer_code_cells(nb)
 
 
 class _DropScaling(ast.NodeTransformer):

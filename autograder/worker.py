@@ -372,7 +372,7 @@ def grade(job: Job) -> Result:
     ``job`` comes from the grading run (:func:`autograder.grade.grade`); the returned Result is complete
     even when a stage failed (its notes say which). Learner code runs only in sandboxes this process
     started; they are all gone when this returns."""
-    from autograder.course import cell_kind
+    from autograder.course import answer_cells
     import nbformat
 
     ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)    # orphans of our sandboxes come back to us
@@ -403,14 +403,6 @@ def grade(job: Job) -> Result:
     result.seconds = round(time.time() - t0, 1)
     result.timings["rest"] = round(result.seconds - sum(result.timings.values()), 1)
     return result
-
-
-def answer_cells(nb) -> list[dict]:
-    """The answer cells of a notebook (nbgrader ``solution=true, grade=false``, code), in order: what the
-    judge replays."""
-    from autograder.course import cell_kind
-    return [{"grade_id": c.metadata["nbgrader"]["grade_id"], "source": c.source}
-            for c in nb.cells if cell_kind(c) == "answer" and c.cell_type == "code"]
 
 
 def main() -> None:

@@ -40,13 +40,12 @@ CHEATS = ("steal", "table", "forge", "classmate")
 PROBES = ("probe", "hooks")
 
 
-def _answers(nb):
-    return [c for c in nb.cells if cell_kind(c) == "answer" and c.cell_type == "code"]
+from autograder.course import answer_cells, answer_code_cells as _answers  # noqa: E402,F401
 
 
 def _exercises(assignment: str):
     import lora_ref.exercises as exercises
-    exercises._load_all()
+    exercises.load_all()
     return [ex for ex in exercises.REGISTRY.values() if ex.id.startswith(assignment[:2] + ".")]
 
 
@@ -445,10 +444,6 @@ def write_attacks(dest: Path, assignment: str, student_nb, solution_nb, ctx: dic
         ATTACKS[name](nb, assignment, ctx=ctx)
         save(nb, f"probe{name}")
     return paths
-
-
-def answer_cells(nb) -> list[dict]:
-    return [{"grade_id": c.metadata["nbgrader"]["grade_id"], "source": c.source} for c in _answers(nb)]
 
 
 def probe_report(text: str) -> dict | None:

@@ -114,15 +114,17 @@ def judged(request, world, tmp_path_factory):
     nbformat.write(good, str(autograded / f"{A}.ipynb"))
     secrets = [ref, out / "course", mate, ROOT / "solutions", ROOT / "lora_ref"]
     paths = adversarial.write_attacks(out / "inbox", A, student, solution, _ctx(world, secrets))
-    results = {}
-    for name, path in paths.items():
-        answers = adversarial.answer_cells(nbformat.read(str(path), as_version=4))
+    def one(name):
+        answers = adversarial.answer_cells(nbformat.read(str(paths[name]), as_version=4))
         log, deaths = judge.run_judge(answers, a.exercise_ids, ref, out / "scratch" / A / name / "judge",
                                       limits=Limits(memory_mb=3072), cell_timeout=60, judge_timeout=300,
                                       hidden=[str(out)])
         verdicts = judge.verdicts(a.exercise_ids, log, ref)
-        results[name] = dict(passed=sum(o.passed for o in verdicts.values()), log=log, deaths=deaths,
-                             verdicts=verdicts)
+        return name, dict(passed=sum(o.passed for o in verdicts.values()), log=log, deaths=deaths, verdicts=verdicts)
+
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as pool:       # two at a time, as --jobs 2 grades
+        results = dict(pool.map(one, list(paths)))
     return A, results
 
 
@@ -162,8 +164,9 @@ def test_judge_leaves_no_survivor_and_sent_nothing(judged, world):
 
 # -- one batch through the whole grader -------------------------------------------------------------------------
 
-BATCH = {"02_lora_linear": ["perfect", "wrong", "cheatsteal", "cheatclassmate", "cheatforge", "probeprobe", "probehooks"],
-         "05_nf4_quantisation": ["wrong", "cheatsteal", "probeprobe"]}
+# the kernel's side of the attacks (the judge's side is tested above, for every attack): 5 notebook runs
+BATCH = {"02_lora_linear": ["wrong", "cheatsteal", "probeprobe", "probehooks"],
+         "05_nf4_quantisation": ["probeprobe"]}
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +176,7 @@ def batch(world, tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile_class")
     inbox, out = root / "inbox", root / "out"
     secrets = [out / "reference", out / "course" / "gradebook.db", out / "course" / "autograded",
-               out / "results", ROOT / "solutions", out / "scratch" / "02_lora_linear" / "perfect"]
+               out / "results", ROOT / "solutions", out / "scratch" / "02_lora_linear" / "wrong02"]
     for A, students in BATCH.items():
         student = nbformat.read(str(ROOT / "notebooks" / A / f"{A}.ipynb"), as_version=4)
         solution = nbformat.read(str(ROOT / "solutions" / A / f"{A}.ipynb"), as_version=4)
@@ -223,5 +226,5 @@ def test_batch_hidden_tests_do_not_reach_feedback(batch):
     r = _r(batch, "02_lora_linear", "probehooks")
     html = Path(r["feedback"]).read_text() if r["feedback"] else ""
     assert "check(" not in html and "BEGIN HIDDEN" not in html, html[:2000]
-    perfect = _r(batch, "02_lora_linear", "perfect")
-    assert perfect["hidden_leaks"] == [] and perfect["score"] == perfect["max_score"]
+    assert r["hidden_leaks"] and r["audit"]["flag"] == "integrity", "the leak must be detected and flagged"
+    assert r["score"] == r["max_score"], "the probe's answers are right; withholding feedback costs no points"

@@ -17,22 +17,21 @@ pytestmark = pytest.mark.slow
 
 
 def _answers(path: Path) -> list[dict]:
-    nb = nbformat.read(path, as_version=4)
-    return [{"grade_id": c.metadata["nbgrader"]["grade_id"], "source": c.source} for c in nb.cells
-            if c.metadata.get("nbgrader", {}).get("solution") and not c.metadata["nbgrader"].get("grade")]
+    from autograder.course import answer_cells
+    return answer_cells(nbformat.read(path, as_version=4))
 
 
 def _judge(stem: str, folder: str, tmp_path: Path) -> dict[str, bool]:
     from autograder import judge
-    from autograder.worker import run_judge
+    from autograder.contracts import Limits
     exercises = NOTEBOOKS[stem]
     ref = tmp_path / "ref.safetensors"
-    assert judge.reference_outputs(exercises, ref) == {}
-    job = dict(limits=dict(memory_mb=3072, cpu_seconds=300, file_mb=16), exercises=exercises, cell_timeout=60,
-               judge_timeout=300, blocked_reads=[str(ROOT / "lora_ref")])
-    log, deaths = run_judge(job, tmp_path, _answers(ROOT / folder / stem / f"{stem}.ipynb"))
+    assert judge.reference_outputs(exercises, ref, secret=11) == {}
+    log, deaths = judge.run_judge(_answers(ROOT / folder / stem / f"{stem}.ipynb"), exercises, ref, tmp_path / "judge",
+                                  limits=Limits(memory_mb=3072, cpu_seconds=300, file_mb=16), cell_timeout=60,
+                                  judge_timeout=300, hidden=[str(tmp_path)])
     assert not deaths, deaths
-    out = judge.verdicts(exercises, log, tmp_path / "judge" / "outputs.safetensors", ref)
+    out = judge.verdicts(exercises, log, ref)
     return {k: v.passed for k, v in out.items()}
 
 
