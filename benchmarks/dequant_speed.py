@@ -82,6 +82,7 @@ def speed(W, device, BF, reps: int, sweep: bool) -> dict:
     lay = K.layout_of(s, device)
     moved = n // 2 + s.absmax.numel() + 4 * s.state2.absmax.numel() + 2 * n      # bytes read + written
     rows = {}
+    extra = {}
 
     def add(name, fn):
         t = bench(fn, device, warmup=3, reps=reps)
@@ -107,6 +108,13 @@ def speed(W, device, BF, reps: int, sweep: bool) -> dict:
                 add(f"tiled_B{bytes_}_w{warps}_{'pair' if pair else 'gather'}",
                     lambda b=bytes_, w=warps, pr=pair: K.dequantize_4bit_triton(
                         p, lay, W.dtype, out=buf, kernel="tiled", BYTES=b, num_warps=w, PAIR=pr))
+            for bytes_, warps in itertools.product((512, 1024, 2048, 4096), (2, 4, 8)):
+                add(f"outmajor_B{bytes_}_w{warps}",
+                    lambda b=bytes_, w=warps: K.dequantize_4bit_triton(
+                        p, lay, W.dtype, out=buf, kernel="outmajor", BYTES=b, num_warps=w))
+            ref = K.dequantize_4bit_triton(p, lay, W.dtype)
+            extra["outmajor_values_differing"] = int((K.dequantize_4bit_triton(
+                p, lay, W.dtype, kernel="outmajor").view(-1) != ref.view(-1)).sum())
             for bytes_, warps in itertools.product((512, 1024, 2048), (4, 8)):
                 add(f"flat_B{bytes_}_w{warps}_gather",
                     lambda b=bytes_, w=warps: K.dequantize_4bit_triton(
@@ -117,7 +125,7 @@ def speed(W, device, BF, reps: int, sweep: bool) -> dict:
         c = bench(lambda: dst.copy_(src), device, warmup=3, reps=reps)
         c["GBps"] = 2 * src.numel() * 2 / (c["median_ms"] * 1e-3) / 1e9
         rows["copy_ceiling_same_bytes_x2"] = c
-    return {"numel": n, "bytes_moved": moved, "rows": rows}
+    return {"numel": n, "bytes_moved": moved, "rows": rows, **extra}
 
 
 def seed_loop_speedup(W, device, small: bool) -> dict:
@@ -193,7 +201,8 @@ def main(argv=None):
         ratio = f"  {base['median_ms'] / v['median_ms']:.2f}x bnb speed" if base and "GBps" in v else ""
         gbs = f"{v['GBps']:8.0f} GB/s" if "GBps" in v else " " * 13
         print(f"{k:32s} {v['median_ms']:9.4f} ms {gbs}{ratio}")
-    print("parity:", result["parity"])
+    print("parity:", result["parity"], "; outmajor kernel values differing from the default kernel:",
+          result["speed"].get("outmajor_values_differing"))
     print("seed loop:", result["seed_loop"])
     path = write_results("dequant_speed", result, args.out)
     try:

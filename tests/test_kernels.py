@@ -207,3 +207,46 @@ def test_fast_module_rslora_scaling_and_dropout_refused():
     assert K.FastQLoRALinear.from_linear(lin, r=16, alpha=8.0).scaling == pytest.approx(0.5)
     with pytest.raises(ValueError, match="dropout"):
         K.FastQLoRALinear.from_linear(lin, r=4, alpha=8.0, dropout=0.1)
+
+
+def test_fast_model_equals_readable_qlora_model_loss_and_gradients():
+    """Issue 15: the fast path (kernels.quantize_model_fast + fused RMSNorm + chunked loss, what the
+    benchmarks capture in a CUDA graph) and the readable lora_ref.qlora path compute the same loss and
+    adapter gradients on a tiny Llama, given the same 4-bit weights and adapter values."""
+    pytest.importorskip("transformers")
+    from lora_ref import qlora
+    from lora_ref.lora import LoRAConfig, lora_layers
+    from lora_ref.models import tiny_llama
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    ref = tiny_llama(num_hidden_layers=2)                                 # fp32: the quantiser's input
+    fast = tiny_llama(num_hidden_layers=2)
+    qlora.quantize_model(ref)
+    qlora.inject_qlora(ref, LoRAConfig(r=4, alpha=8, target_modules=targets))
+    K.quantize_model_fast(fast, r=4, alpha=8, targets=targets)
+    K.fuse_rms_norms(fast)
+    torch.manual_seed(3)
+    for name, layer in lora_layers(ref).items():
+        f = fast.get_submodule(name)
+        assert torch.equal(f.packed, layer.base_layer.weight)            # same 4-bit codes
+        with torch.no_grad():
+            layer.lora_B.normal_()                                       # B != 0: non-trivial gradients
+            f.lora_A.copy_(layer.lora_A)
+            f.lora_B.copy_(layer.lora_B)
+    ids = torch.randint(0, 256, (2, 9))
+    loss_ref = ref(input_ids=ids, labels=ids).loss
+    loss_fast = K.chunked_cross_entropy(fast.model(input_ids=ids).last_hidden_state, fast.lm_head.weight, ids,
+                                        chunk=5)
+    torch.testing.assert_close(loss_fast, loss_ref, rtol=1e-5, atol=1e-6)      # fp32 rounding only
+    loss_ref.backward()
+    loss_fast.backward()
+    for name, layer in lora_layers(ref).items():
+        f = fast.get_submodule(name)
+        torch.testing.assert_close(f.lora_A.grad, layer.lora_A.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(f.lora_B.grad, layer.lora_B.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_cuda_graph_step_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU error")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        K.CUDAGraphStep(lambda: torch.zeros(()))
