@@ -124,17 +124,28 @@ def test_every_blocksize_matches_bitsandbytes_public_api(blocksize):
     assert torch.equal(Q.dequantize_4bit(packed, state), theirs)
 
 
-def test_bitsandbytes_cpu_dequantize_is_wrong_when_rows_do_not_fill_blocks():
-    """Why the parity test above uses bitsandbytes' PyTorch dequantise for odd shapes: bitsandbytes 0.50's
-    compiled CPU dequantize_4bit mis-assigns block scales when the last dimension is not a multiple of
-    the blocksize, while its own quantize_4bit (and ours) use flat blocks. If this starts failing,
-    bitsandbytes fixed it and the public API can be used for every shape."""
+def test_dequantize_is_right_when_rows_do_not_fill_blocks(record_property):
+    """Rows of 96 values with blocksize 64: blocks run across rows (bitsandbytes' flat layout). lora_ref's
+    round trip stays within half the widest NF4 level gap times each flat block's absmax.
+
+    bitsandbytes 0.50.2's compiled CPU dequantize_4bit mis-assigns block scales for such shapes (max error
+    ~0.28 on this input, not ~0.09); its CUDA build does not (issue 15: asserting the bug made this test
+    fail on the GPU machine). So bitsandbytes' error is reported (``record_property``, printed), not
+    asserted: the parity test above uses its PyTorch dequantise for odd shapes."""
     x = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
-    ref, ref_state = bnb_F.quantize_4bit(x, blocksize=64, quant_type="nf4")
     packed, state = Q.quantize_4bit(x, 64, "nf4")
-    ours_err = (Q.dequantize_4bit(packed, state) - x).abs().max()
-    bnb_err = (bnb_F.dequantize_4bit(ref, ref_state) - x).abs().max()
-    assert ours_err < 0.5 < bnb_err
+    deq = Q.dequantize_4bit(packed, state)
+    levels = torch.sort(Q.get_code("nf4")).values
+    half_gap = float((levels[1:] - levels[:-1]).max()) / 2
+    flat_absmax = x.reshape(-1, 64).abs().amax(1)                          # 96 blocks over the flat weight
+    bound = (half_gap * flat_absmax).repeat_interleave(64).view(64, 96)
+    assert torch.equal(state.absmax, flat_absmax)
+    assert ((deq - x).abs() <= bound * (1 + 1e-6)).all()
+    ref, ref_state = bnb_F.quantize_4bit(x, blocksize=64, quant_type="nf4")
+    bnb_err = float((bnb_F.dequantize_4bit(ref, ref_state) - x).abs().max())
+    record_property("bitsandbytes_dequantize_max_abs_error", bnb_err)
+    print(f"bitsandbytes dequantize_4bit on {x.device}: max abs error {bnb_err:.3f} "
+          f"(lora_ref {float((deq - x).abs().max()):.3f})")
 
 
 def test_nested_codes_equal_bitsandbytes_reference_kernel_and_never_worse_than_its_cpu_kernel():
