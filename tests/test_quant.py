@@ -128,10 +128,10 @@ def test_dequantize_is_right_when_rows_do_not_fill_blocks(record_property):
     """Rows of 96 values with blocksize 64: blocks run across rows (bitsandbytes' flat layout). lora_ref's
     round trip stays within half the widest NF4 level gap times each flat block's absmax.
 
-    bitsandbytes 0.50.2's compiled CPU dequantize_4bit mis-assigns block scales for such shapes (max error
-    ~0.28 on this input, not ~0.09); its CUDA build does not (issue 15: asserting the bug made this test
-    fail on the GPU machine). So bitsandbytes' error is reported (``record_property``, printed), not
-    asserted: the parity test above uses its PyTorch dequantise for odd shapes."""
+    bitsandbytes 0.50.2's compiled CPU dequantize_4bit was seen to mis-assign block scales for such shapes
+    (relative error 0.28 instead of 0.09, benchmarks/README.md); its CUDA build does not, and whether a CPU
+    build does depends on the build (issue 15: asserting the bug made this test fail on the GPU machine).
+    So bitsandbytes' error is reported (``record_property``, printed), not asserted."""
     x = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
     packed, state = Q.quantize_4bit(x, 64, "nf4")
     deq = Q.dequantize_4bit(packed, state)
