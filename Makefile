@@ -48,16 +48,22 @@ notebooks: env
 check-notebooks: env
 	$(BIN)/python tools/build_notebooks.py --check
 
-# grade a folder/zip of submissions (default: the built-in sample class); see autograder/README.md
+# grade a folder/zip of submissions (default: the built-in sample class) into grading/<its name>;
+# GRADE_ARGS e.g. "--cluster local:2" or "--scheduler tcp://HOST:8786"; see autograder/README.md
 grade: env
-	$(BIN)/python -m autograder grade $(SUBMISSIONS) $(if $(ASSIGNMENT),--assignment $(ASSIGNMENT)) $(GRADE_ARGS)
+	@$(BIN)/python -m autograder grade $(SUBMISSIONS) $(if $(ASSIGNMENT),--assignment $(ASSIGNMENT)) $(GRADE_ARGS)
 
 bench-grading: env
 	$(BIN)/python benchmarks/grading_speed.py --n 4 --jobs 2
 
-# check your notebook before submitting: exits non-zero if a visible test fails
+# check your notebook before submitting. make exits 2 on any failure (make's own rule); the line it
+# prints gives the autograder's code: 1 = a visible test failed or a locked cell was edited,
+# 2 = the file cannot be read as a notebook (python -m autograder validate NB returns these directly)
 validate: env
-	$(BIN)/python -m autograder validate $(NB)
+	@$(BIN)/python -m autograder validate $(NB); rc=$$?; case $$rc in \
+	  0) ;; 1) echo "make validate: exit 1 (a visible test failed or a locked cell was edited)" >&2 ;; \
+	  2) echo "make validate: exit 2 ($(NB) cannot be read as a notebook)" >&2 ;; \
+	  *) echo "make validate: exit $$rc" >&2 ;; esac; exit $$rc
 
 # interview drills in the terminal
 drill: env

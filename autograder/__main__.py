@@ -1,3 +1,4 @@
 from autograder.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":      # Dask's local workers start by spawning: they import this module again
+    raise SystemExit(main())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -10,13 +11,18 @@ from pathlib import Path
 def _grade(args) -> int:
     from autograder import grade, reports
 
-    opts = grade.Options(submissions=args.submissions, assignment=args.assignment, jobs=args.jobs,
-                         timeout=args.timeout, submission_timeout=args.submission_timeout,
-                         memory_mb=args.memory_mb, out=args.out, source=args.source, student=args.student,
-                         quiet=args.quiet)
-    results = grade.grade(opts)
+    try:
+        opts = grade.Options(submissions=args.submissions, assignment=args.assignment, jobs=args.jobs,
+                             timeout=args.timeout, submission_timeout=args.submission_timeout,
+                             memory_mb=args.memory_mb, out=args.out, source=args.source, student=args.student,
+                             quiet=args.quiet, scheduler=args.scheduler, cluster=args.cluster,
+                             regrade=args.regrade, add=args.add)
+        results = grade.grade(opts)
+    except grade.UsageError as exc:
+        print(f"autograder grade: {exc}", file=sys.stderr)
+        return 2
     out = opts.out.resolve()
-    print(reports.table(results))
+    print(reports.table(results, width=shutil.get_terminal_size((150, 40)).columns))
     graded = [r for r in results if r.get("status") == "graded"]
     flagged = [r for r in results if r.get("audit", {}).get("flag", "ok") != "ok"]
     print(f"\n{len(results)} submissions: {len(graded)} graded, {len(results) - len(graded)} not gradable "
@@ -64,9 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--timeout", type=int, default=120, help="seconds per notebook cell (default 120)")
     g.add_argument("--submission-timeout", type=int, default=900, help="wall seconds per submission (default 900)")
     g.add_argument("--memory-mb", type=int, default=4096, help="address-space limit of learner processes (default 4096)")
-    g.add_argument("--out", type=Path, default=Path("grading"), help="output folder (default ./grading)")
+    g.add_argument("--out", type=Path, default=None,
+                   help="output folder (default grading/<name of SUBMISSIONS>, grading/samples for the samples); "
+                        "one folder holds one class")
     g.add_argument("--source", type=Path, default=ROOT / "solutions", help="instructor notebooks (default solutions/)")
     g.add_argument("--student", help="regrade only this student")
+    g.add_argument("--regrade", action="store_true",
+                   help="grade again submissions already graded with the same file and grader (default: skip them)")
+    g.add_argument("--add", action="store_true",
+                   help="merge these submissions into an output folder that holds another submission set")
+    g.add_argument("--scheduler", metavar="tcp://HOST:8786", help="grade on this Dask cluster (`dask scheduler`)")
+    g.add_argument("--cluster", metavar="local:N", help="grade on a local Dask cluster of N workers")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(fn=_grade)
     v = sub.add_parser("validate", help="run a notebook's visible tests; exit 1 if one fails")

@@ -1,23 +1,35 @@
-"""Grade a class: intake, one gradebook, parallel sandboxed workers, reports.
+"""Grade a class: intake, one gradebook, parallel sandboxed workers (local processes or a Dask cluster), reports.
 
-Layout of the output folder (``--out``, default ``grading/``)::
+Layout of the output folder (``--out``; default ``grading/<name of the submission set>``)::
 
     course/                nbgrader course root: gradebook.db, release/, submitted/, autograded/, feedback/
     course/kernels/        the ``autograder-sandbox`` kernelspec (see autograder.kernel)
     intake/<A>/<student>/  every file as received, never modified
     reference/<A>.safetensors   reference outputs of the assignment's exercises
     scratch/<A>/<student>/ per-submission sandbox (kernel and judge logs)
-    results/<A>/<student>.json  one result per submission (see autograder.worker)
+    results/<A>/<student>.json  one result per submission (see autograder.contracts.Result)
+    run.json               what this folder grades (its submission sets) and the ledger of graded inputs
     grades.csv, summary.csv, summary.md, histogram.png, audit.md
 
-Regrading is idempotent (``--force`` everywhere, previous judge withdrawals cleared), and a run only
-writes the results, scratch and nbgrader folders of the students it grades; grades.csv and the summary
-are rebuilt from every result in ``results/``, so a later run with one student's new file updates that
-row and leaves the others as they were.
+One output folder holds one class: ``run.json`` names the submission sets graded into it, and a run
+with another set refuses to mix them (``--add`` merges on purpose; ``--student S`` updates one student).
+A run grades only what changed: a submission whose file, instructor notebook and grader are those of
+the ledger entry written with its result is not graded again (``--regrade`` grades everything again),
+so an interrupted run resumes where it stopped. Grading is idempotent (``--force`` everywhere,
+previous judge withdrawals cleared) and writes only the results, scratch and nbgrader folders of the
+students it grades; grades.csv and the summary are rebuilt from every result in ``results/``.
+
+Where the submissions are graded: ``--jobs N`` local worker processes (default), or a Dask cluster
+(``--scheduler tcp://HOST:8786`` or ``--cluster local:N``; see :mod:`autograder.cluster`). Either way
+only this process (the coordinator) writes the gradebook, the results and the reports.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import json
+import secrets
 import os
 import shutil
 import signal
@@ -30,36 +42,60 @@ from pathlib import Path
 
 from autograder import course as course_mod
 from autograder import intake
+from autograder.contracts import DEFAULTS, Job, Result
 from autograder.sandbox import Limits
 
 ROOT = Path(__file__).resolve().parents[1]
 COURSE_ID = "lora-course"
+SAMPLES = "built-in samples"
+
+
+class UsageError(Exception):
+    """Bad input from the instructor: the CLI prints the message as one line and exits 2."""
 
 
 @dataclass
 class Options:
     submissions: Path | None = None
     assignment: str | None = None
-    jobs: int = 2
-    timeout: int = 120                # per cell, seconds
-    submission_timeout: int = 900     # per submission, wall seconds
-    memory_mb: int = 4096
-    out: Path = Path("grading")
+    jobs: int = DEFAULTS.jobs
+    timeout: int = DEFAULTS.cell_timeout              # per cell, seconds
+    submission_timeout: int = DEFAULTS.submission_timeout   # per submission, wall seconds
+    memory_mb: int = DEFAULTS.memory_mb
+    out: Path | None = None           # default: grading/<name of the submission set>
     source: Path = ROOT / "solutions"
     student: str | None = None
-    output_bytes: int = 1_000_000
+    output_bytes: int = DEFAULTS.output_bytes
     quiet: bool = False
+    scheduler: str | None = None      # tcp://HOST:8786: grade on this Dask cluster
+    cluster: str | None = None        # local:N: start a local Dask cluster of N workers
+    regrade: bool = False             # grade again submissions whose results are up to date
+    add: bool = False                 # merge another submission set into this output folder
+    accept_no_isolation: bool = False  # grade even where namespaces are unavailable (every result says so)
 
     def __post_init__(self) -> None:
         for name in ("jobs", "timeout", "submission_timeout"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.scheduler and self.cluster:
+            raise UsageError("--scheduler and --cluster exclude each other: connect to a cluster or start one")
+
+
+def default_out(submissions: Path | None) -> Path:
+    """``grading/samples`` for the built-in samples, else ``grading/<file or folder name>``: two
+    submission sets never share a folder by default."""
+    if submissions is None:
+        return Path("grading") / "samples"
+    p = Path(submissions)
+    name = p.stem if p.suffix == ".zip" else (p.resolve().name or "submissions")
+    return Path("grading") / intake.slug(name)
 
 
 def _kernelspec(course_root: Path) -> Path:
     folder = course_root / "kernels" / "autograder-sandbox"
     folder.mkdir(parents=True, exist_ok=True)
-    spec = {"argv": [sys.executable, "-m", "autograder.kernel", "-f", "{connection_file}"],
+    from autograder import sandbox
+    spec = {"argv": sandbox.command(["-m", "autograder.kernel", "-f", "{connection_file}"], not sandbox.available()),
             "display_name": "Python 3 (autograder sandbox)", "language": "python",
             "metadata": {"debugger": False}}
     (folder / "kernel.json").write_text(json.dumps(spec, indent=1))
@@ -71,7 +107,7 @@ def _env() -> dict[str, str]:
 
 
 def matplotlib_cache(course_root: Path) -> str:
-    """Build matplotlib's font cache once; kernels read it (read-only) instead of rebuilding it each."""
+    """Build matplotlib's font cache once; each submission gets a writable copy (see :func:`mpl_dir`)."""
     folder = course_root / "mplcache"
     folder.mkdir(parents=True, exist_ok=True)
     if not any(folder.glob("fontlist*.json")):
@@ -80,14 +116,30 @@ def matplotlib_cache(course_root: Path) -> str:
     return str(folder)
 
 
+def mpl_dir(cache: str | Path, scratch: Path) -> str:
+    """A per-submission, writable MPLCONFIGDIR holding a copy of the font cache: matplotlib warns
+    (naming the folder, in the learner's feedback) when its config folder is not writable, and
+    rebuilds the font list (seconds) when it finds none."""
+    from autograder import layout
+    folder = layout.kernel_dir(Path(scratch)) / "mpl"      # the worker's MPLCONFIGDIR when Job.mpl_cache is None
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in Path(cache).glob("fontlist*.json"):
+        shutil.copy2(f, folder / f.name)
+    return str(folder)
+
+
 def model_cache(assignments) -> str | None:
     """If a notebook loads SmolLM2, build lora_ref's model cache once, before grading: kernels read it
     through the read-only sandbox instead of each converting the GGUF file again (about 20 s)."""
-    if not any("load_smollm2" in c.source or "load_tokenizer" in c.source for a in assignments for c in a.cells):
+    if not needs_model(assignments):
         return None
     code = "from lora_ref.models import smollm2_folder, cache_dir; smollm2_folder(); print(cache_dir().parent)"
     proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=900)
     return proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 and proc.stdout.strip() else None
+
+
+def needs_model(assignments) -> bool:
+    return any("load_smollm2" in c.source or "load_tokenizer" in c.source for a in assignments for c in a.cells)
 
 
 def prepare_assignment(name: str, opts: Options, course_root: Path) -> course_mod.Assignment:
@@ -136,30 +188,94 @@ def _previous_withdrawals(path: Path) -> list[str]:
         return []
 
 
-def _static_result(sub: intake.Submission, a: course_mod.Assignment | None) -> dict:
-    return dict(student=sub.student, assignment=sub.assignment or "unknown", original=str(sub.original),
-                status=sub.status, notes=sub.notes, score=0.0, max_score=a.max_score if a else 0.0,
-                cells={}, judge={}, audit={"flag": "ok", "static": [], "runtime": [], "withdrawn": []})
+def _static_result(sub: intake.Submission, a: course_mod.Assignment | None) -> Result:
+    return Result.error("", status=sub.status, student=sub.student, assignment=sub.assignment or "unknown",
+                        original=str(sub.original), notes=sub.notes, max_score=a.max_score if a else 0.0)
 
 
-def _run_worker(job: dict, wall: int) -> None:
-    """Run one worker; on timeout kill its session and its kernel, and write the result ourselves."""
-    job_path = Path(job["scratch"]) / "job.json"
-    job_path.write_text(json.dumps(job))
-    log = open(Path(job["scratch"]) / "worker.log", "wb")
+# -- what this output folder grades, and what it has graded (run.json) -------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def grader_digest() -> str:
+    """Digest of the grader's and the reference's code: a result graded by other code is stale."""
+    h = hashlib.sha256()
+    for pkg in ("autograder", "lora_ref"):
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            h.update(str(f.relative_to(ROOT)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class Ledger:
+    """``run.json``: the submission sets graded into this folder, and for each result the digests of
+    its input file, instructor notebook and grader. Only the coordinator writes it, after the result."""
+
+    def __init__(self, out: Path):
+        self.path = out / "run.json"
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            data = {}
+        self.sources: list[str] = list(data.get("sources", []))
+        self.graded: dict[str, dict] = dict(data.get("graded", {}))
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"sources": self.sources, "graded": self.graded}, indent=1, sort_keys=True))
+        tmp.replace(self.path)
+
+    def claim(self, source: str, out: Path, opts: Options) -> None:
+        """Refuse to mix submission sets in one folder unless asked (``--add``, ``--student``)."""
+        if source in self.sources:
+            return
+        had = sorted(p for p in (out / "results").glob("*/*.json")) if (out / "results").exists() else []
+        if (self.sources or had) and not (opts.add or opts.student):
+            before = ", ".join(self.sources) if self.sources else "an earlier run that did not record its submissions"
+            raise UsageError(
+                f"{out} already holds the grades of {before} ({len(had)} results); this run grades {source}. "
+                f"Grade it into its own folder (--out DIR), or pass --add to merge it into that class")
+        self.sources.append(source)
+        self.save()
+
+    def up_to_date(self, key: str, entry: dict, rpath: Path) -> bool:
+        return self.graded.get(key) == entry and rpath.exists()
+
+    def record(self, key: str, entry: dict) -> None:
+        self.graded[key] = entry
+        self.save()
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+# -- one submission, on this machine ------------------------------------------------------------------------------
+
+def _set_pdeathsig() -> None:
+    """In the child: die with the thread that started us (a Dask worker killed mid-task leaves no orphan)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_worker(job: Job, wall: int, env: dict | None = None) -> None:
+    """Run one worker (``env``: extra environment variables); on timeout kill its session, and write
+    the result ourselves. The worker's process dies with the thread that started it."""
+    scratch = Path(job.scratch)
+    job_path = scratch / "job.json"
+    job.write(job_path)
+    log = open(scratch / "worker.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "autograder.worker", str(job_path)], stdout=log, stderr=log,
-                            env=_env(), start_new_session=True, cwd=job["scratch"])
+                            env=dict(_env(), **(env or {})), start_new_session=True, cwd=job.scratch,
+                            preexec_fn=_set_pdeathsig)
     try:
         rc = proc.wait(timeout=wall)
-        problem = "" if rc == 0 and Path(job["result_path"]).exists() else f"the grading worker died (exit {rc})"
+        problem = "" if rc == 0 and Path(job.result_path).exists() else f"the grading worker died (exit {rc})"
     except subprocess.TimeoutExpired:
         problem = f"ran past the per-submission time limit ({wall} s); killed"
     finally:
-        for pidfile in (Path(job["scratch"]) / "kernel" / "kernel.pid",):
-            try:
-                os.killpg(int(pidfile.read_text()), signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except OSError:
@@ -167,90 +283,183 @@ def _run_worker(job: dict, wall: int) -> None:
         proc.wait()
         log.close()
     if problem:
-        result = dict(student=job["student"], assignment=job["assignment"], original=job["original"],
-                      status="timeout" if "time limit" in problem else "error",
-                      notes=list(job["notes"]) + [problem], score=0.0, max_score=job["max_score"], cells={},
-                      judge={}, audit={"flag": "ok", "static": [], "runtime": [], "withdrawn": []},
-                      withdrawn=job["previous_withdrawals"])
-        Path(job["result_path"]).write_text(json.dumps(result, indent=1, sort_keys=True))
+        status = "timeout" if "time limit" in problem else "error"
+        Result.error(problem, job=job, status=status).write(Path(job.result_path))
+
+
+_run_worker = run_worker      # the name earlier code and tests use
+
+
+def finish(job: Job, out: Path) -> Result:
+    """The coordinator's last step for every graded submission, local or remote: read the result,
+    clean its feedback page (see :func:`autograder.reports.clean_feedback`)."""
+    from autograder import reports
+
+    rpath = Path(job.result_path)
+    try:
+        result = Result.read(rpath)
+    except (OSError, ValueError, TypeError) as exc:
+        result = Result.error(f"unreadable result file: {exc}", job=job)
+        result.write(rpath)
+    if result.feedback and Path(result.feedback).exists():
+        reports.clean_feedback(Path(result.feedback), [str(out), str(ROOT), sys.prefix])
+    return result
+
+
+# -- the grading run ----------------------------------------------------------------------------------------------
+
+def _select(subs: list[intake.Submission], opts: Options) -> list[intake.Submission]:
+    if opts.student:
+        subs = [s for s in subs if s.student == opts.student]
+    if opts.assignment:
+        for s in subs:
+            if s.status == "ok" and s.assignment not in (opts.assignment, None):
+                s.status = "rejected"
+                s.notes.append(f"wrong assignment: this is a notebook of {s.assignment}, not {opts.assignment} "
+                               f"(--assignment); not graded (grade it with --assignment {s.assignment})")
+    return subs
 
 
 def grade(opts: Options) -> list[dict]:
+    """Grade ``opts.submissions``; return every result of the output folder (dicts, as written)."""
     from autograder import judge, reports
 
-    out = opts.out.resolve()
-    course_root = out / "course"
-    course_root.mkdir(parents=True, exist_ok=True)
+    if opts.submissions is not None and not Path(opts.submissions).exists():
+        raise UsageError(f"submissions path {opts.submissions} does not exist")
     names = course_mod.list_assignments(opts.source)
     if opts.assignment and opts.assignment not in names:
-        raise SystemExit(f"unknown assignment {opts.assignment!r}; instructor notebooks exist for {names}")
+        raise UsageError(f"unknown assignment {opts.assignment!r}; instructor notebooks exist for {names}")
+    out = (opts.out or default_out(opts.submissions)).resolve()
+    opts.out = out
+    pool = None
+    if opts.scheduler or opts.cluster:
+        from autograder import cluster
+        pool = cluster.connect(opts.scheduler, opts.cluster, quiet=opts.quiet)     # fails here, before any work
+    try:
+        return _grade(opts, out, names, pool, judge, reports)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def isolation_mode(opts: Options) -> str:
+    """'namespaces' where learner code can be isolated here; else refuse, unless the instructor accepted it."""
+    from autograder import sandbox
+    why = sandbox.available()
+    if not why:
+        return sandbox.NAMESPACES
+    message = f"WARNING: learner code cannot be isolated on this machine ({why})"
+    if not opts.accept_no_isolation:
+        raise UsageError(message + "; refusing to grade (accept_no_isolation grades without PID, network and "
+                         "file-system isolation)")
+    print(message + "; grading WITHOUT isolation as asked", file=sys.stderr)
+    return "none"
+
+
+def _grade(opts: Options, out: Path, names: list[str], pool, judge, reports) -> list[dict]:
+    isolation = isolation_mode(opts)
+    course_root = out / "course"
+    course_root.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(out)
     if opts.submissions is None:
         from autograder import samples
+        source = f"{SAMPLES} of {opts.assignment or samples.DEFAULT_ASSIGNMENT}"
+        ledger.claim(source, out, opts)
         opts.submissions = samples.write_samples(out / "samples", opts.source, [opts.assignment] if opts.assignment else None)
         if not opts.quiet:
             print(f"no submissions given: grading the built-in samples in {opts.submissions}")
+    else:
+        ledger.claim(str(Path(opts.submissions).resolve()), out, opts)
     assignments = {n: course_mod.load_assignment(opts.source, n) for n in names}
-    subs = intake.collect(opts.submissions, assignments, opts.assignment, out)
-    if opts.student:
-        subs = [s for s in subs if s.student == opts.student]
-    if opts.assignment:
-        subs = [s for s in subs if s.assignment in (opts.assignment, None)]
-    used = sorted({s.assignment for s in subs if s.assignment in assignments})
+    try:
+        subs = _select(intake.collect(opts.submissions, assignments, opts.assignment, out), opts)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+    used = sorted({s.assignment for s in subs if s.status == "ok" and s.assignment in assignments})
     prepared = {n: prepare_assignment(n, opts, course_root) for n in used}
-    # intake again with the release attached, so deleted metadata can be restored
-    subs = intake.collect(opts.submissions, prepared or assignments, opts.assignment, out)
-    if opts.student:
-        subs = [s for s in subs if s.student == opts.student]
-    if opts.assignment:
-        subs = [s for s in subs if s.assignment in (opts.assignment, None)]
+    # intake again with the release attached (deleted metadata is restored from it); every assignment
+    # stays known, so a notebook of another assignment is recognised as such, not as a broken copy
+    subs = _select(intake.collect(opts.submissions, {**assignments, **prepared}, opts.assignment, out), opts)
     _kernelspec(course_root)
-    mpl_cache = matplotlib_cache(course_root)
-    models = model_cache(prepared.values())
+    digest = grader_digest()
     limits = Limits(memory_mb=opts.memory_mb, cpu_seconds=opts.submission_timeout * (os.cpu_count() or 1))
-    refs = {}
-    for n, a in prepared.items():
-        path = out / "reference" / f"{n}.safetensors"
-        errors = judge.reference_outputs(a.exercise_ids, path)
-        if errors:
-            raise RuntimeError(f"reference outputs of {n} failed (a bug in lora_ref.exercises?): {errors}")
-        refs[n] = path
-    jobs, results = [], []
+    todo, skipped = [], 0
     for sub in subs:
         intake.store(sub, course_root, out / "intake")
         a = prepared.get(sub.assignment)
         rpath = _result_path(out, sub.assignment or "unknown", sub.student)
         rpath.parent.mkdir(parents=True, exist_ok=True)
         if sub.status != "ok" or a is None:
-            rpath.write_text(json.dumps(_static_result(sub, a), indent=1, sort_keys=True))
+            _static_result(sub, a).write(rpath)
             continue
-        scratch = out / "scratch" / a.name / sub.student
-        if scratch.exists():
-            shutil.rmtree(scratch)
-        scratch.mkdir(parents=True)
-        jobs.append(dict(
-            student=sub.student, assignment=a.name, original=str(sub.original), notes=sub.notes,
-            course_root=str(course_root), source_dir=str(opts.source.resolve()), course_id=COURSE_ID,
-            db_url=f"sqlite:///{course_root / 'gradebook.db'}", scratch=str(scratch),
-            jupyter_path=str(course_root), limits=limits.__dict__, limits_env=limits.as_env(),
-            cell_timeout=opts.timeout, judge_timeout=max(60, opts.submission_timeout // 3),
-            threads=max(1, (os.cpu_count() or 1) // opts.jobs), output_bytes=opts.output_bytes,
-            exercises=a.exercise_ids, exercises_of=a.exercises_of,
-            test_points={c.grade_id: c.points for c in a.test_cells}, max_score=a.max_score,
-            reference=str(refs[a.name]), result_path=str(rpath), hidden_lines=hidden_lines(a),
-            previous_withdrawals=_previous_withdrawals(rpath), mpl_cache=mpl_cache, model_cache=models,
-            blocked_reads=[str(ROOT / "lora_ref"), str(opts.source.resolve()), str(course_root)],
-            hidden=[str(opts.source.resolve()), str(course_root / "submitted"), str(out / "intake"),
-                    str(out / "samples"), str(out / "unzipped"), str(Path(opts.submissions).resolve())]))
-    from tqdm import tqdm
+        key = f"{a.name}/{sub.student}"
+        entry = {"input": _sha(sub.original), "assignment": a.digest, "grader": digest,
+                 "options": [opts.timeout, opts.submission_timeout, opts.memory_mb]}
+        if not (opts.regrade or opts.student) and ledger.up_to_date(key, entry, rpath):
+            skipped += 1
+            continue
+        todo.append((sub, a, rpath, key, entry))
+    if skipped and not opts.quiet:
+        print(f"{skipped} submission(s) already graded with these files and this grader (results in "
+              f"{out / 'results'}): not graded again (--regrade grades them again)")
+    jobs = []
+    if todo:
+        mpl_cache = matplotlib_cache(course_root)
+        models = model_cache(prepared.values()) if pool is None else None
+        refs = {}
+        secret = secrets.randbits(62)         # this run's hidden cases: no table of outputs can be prepared
+        for n, a in prepared.items():
+            path = out / "reference" / f"{n}.safetensors"
+            errors = judge.reference_outputs(a.exercise_ids, path, secret)
+            if errors:
+                raise RuntimeError(f"reference outputs of {n} failed (a bug in lora_ref.exercises?): {errors}")
+            refs[n] = path
+        for sub, a, rpath, key, entry in todo:
+            scratch = out / "scratch" / a.name / sub.student
+            if scratch.exists():
+                shutil.rmtree(scratch)
+            scratch.mkdir(parents=True)
+            mpl_dir(mpl_cache, scratch)        # MPLCONFIGDIR: the kernel's own (writable) mpl/, fonts copied in
+            job = Job(
+                student=sub.student, assignment=a.name, original=str(sub.original), course_root=str(course_root),
+                source_dir=str(opts.source.resolve()), db_url=f"sqlite:///{course_root / 'gradebook.db'}",
+                out=str(out), scratch=str(scratch), result_path=str(rpath), reference=str(refs[a.name]),
+                exercises=a.exercise_ids, exercises_of=a.exercises_of,
+                test_points={c.grade_id: c.points for c in a.test_cells}, max_score=a.max_score,
+                hidden_lines=hidden_lines(a), course_id=COURSE_ID, notes=list(sub.notes),
+                previous_withdrawals=_previous_withdrawals(rpath),
+                limits=dataclasses.asdict(limits), cell_timeout=opts.timeout,
+                judge_timeout=max(60, opts.submission_timeout // 3), submission_timeout=opts.submission_timeout,
+                threads=max(1, (os.cpu_count() or 1) // opts.jobs),
+                output_bytes=opts.output_bytes, jupyter_path=str(course_root), mpl_cache=None,
+                model_cache=models, isolation=isolation,
+                hidden=[str(opts.source.resolve()), str(course_root / "submitted"), str(out / "intake"),
+                        str(out / "samples"), str(out / "unzipped"), str(Path(opts.submissions).resolve())])
+            jobs.append((job, key, entry))
 
-    bar = tqdm(total=len(jobs), desc="grading", unit="submission", disable=opts.quiet, file=sys.stderr)
-    with ThreadPoolExecutor(max_workers=opts.jobs) as pool:
-        futures = {pool.submit(_run_worker, job, opts.submission_timeout): job for job in jobs}
-        for fut in as_completed(futures):
-            fut.result()
-            bar.set_postfix_str(futures[fut]["student"])
-            bar.update()
-    bar.close()
+    def done(job: Job, key: str, entry: dict) -> Result:
+        result = finish(job, out)
+        if result.status in ("graded",):
+            ledger.record(key, entry)         # an error or timeout is tried again by the next run
+        return result
+
+    if pool is not None:
+        pool.grade([(j, k, e) for j, k, e in jobs], prepared, course_root, done, opts)
+    elif jobs:
+        _local(jobs, opts, done)
     results = reports.load_results(out / "results")
     reports.write_all(results, out)
-    return results
+    return [dataclasses.asdict(r) for r in results]
+
+
+def _local(jobs: list[tuple[Job, str, dict]], opts: Options, done) -> None:
+    from autograder import reports
+
+    bar = reports.progress(len(jobs), opts.quiet)
+    with ThreadPoolExecutor(max_workers=opts.jobs) as pool:
+        futures = {pool.submit(run_worker, job, opts.submission_timeout): (job, key, entry) for job, key, entry in jobs}
+        for fut in as_completed(futures):
+            fut.result()
+            job, key, entry = futures[fut]
+            bar.done(done(job, key, entry))
+    bar.close()

@@ -57,16 +57,23 @@ def slug(text: str) -> str:
     return s or "unknown"
 
 
-def _safe_extract(zip_path: Path, dest: Path) -> Path:
-    """Extract a zip, refusing members that would land outside ``dest`` (zip-slip)."""
+def _safe_extract(zip_path: Path, dest: Path) -> tuple[Path, list[str]]:
+    """Extract a zip, refusing members that would land outside ``dest`` (zip-slip: ``../`` or an
+    absolute path) or are links; every other member is extracted. Returns (dest, refused member names)."""
     dest = dest.resolve()
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    refused = []
     with zipfile.ZipFile(zip_path) as zf:
         for member in zf.infolist():
             target = (dest / member.filename).resolve()
-            if not str(target).startswith(str(dest) + "/") and target != dest:
-                raise ValueError(f"zip member {member.filename!r} would extract outside {dest}")
-        zf.extractall(dest)
-    return dest
+            is_link = (member.external_attr >> 16) & 0o170000 == 0o120000
+            if is_link or not (str(target).startswith(str(dest) + "/") or target == dest):
+                refused.append(member.filename)
+                continue
+            zf.extract(member, dest)
+    return dest, refused
 
 
 def _name_parts(path: Path, known: list[str]) -> tuple[str, str | None, list[str]]:
@@ -94,13 +101,20 @@ def collect(inputs: Path, assignments: dict[str, Assignment], hint: str | None, 
     inputs = Path(inputs)
     if not inputs.exists():
         raise FileNotFoundError(f"submissions path {inputs} does not exist")
+    refused: list[str] = []
+    archive = inputs
     if inputs.is_file() and inputs.suffix == ".zip":
-        inputs = _safe_extract(inputs, workdir / "unzipped" / inputs.stem)
+        try:
+            inputs, refused = _safe_extract(inputs, workdir / "unzipped" / inputs.stem)
+        except zipfile.BadZipFile as exc:
+            return [Submission(student=slug(inputs.stem), original=inputs).reject(f"not a readable zip file: {exc}")]
     files = [inputs] if inputs.is_file() else sorted(
         p for p in inputs.rglob("*") if p.is_file() and ".ipynb_checkpoints" not in p.parts
         and "__MACOSX" not in p.parts and p.name not in IGNORED)
     known = sorted(assignments)
-    subs = []
+    subs = [Submission(student=slug(Path(name).stem), original=archive).reject(
+                f"zip member {name!r} would extract outside the archive's folder (path traversal); refused, "
+                "not extracted") for name in refused]
     for f in files:
         rel = f.relative_to(inputs) if f != inputs else Path(f.name)
         if len(rel.parts) == 3 and rel.parts[1] in known:        # nbgrader submitted/<student>/<assignment>/x

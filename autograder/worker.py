@@ -91,6 +91,8 @@ def _config(job: Job):
     extra.Execute.timeout = job.cell_timeout
     extra.Execute.kernel_name = "autograder-sandbox"
     extra.Execute.startup_timeout = 120
+    # nbgrader raises on a late output (raise_on_iopub_timeout); nbclient's 4 s fail a loaded machine
+    extra.Execute.iopub_timeout = max(30, job.cell_timeout // 4)
     extra.KernelManager.transport = "ipc"     # unix sockets in the kernel's runtime folder: it has no network
     extra.KernelManager.ip = str(layout.kernel_dir(Path(job.scratch)) / "runtime" / "kernel")
     cfg.merge(extra)

@@ -15,7 +15,8 @@ import pytest
 
 from autograder.selftest import ASSIGNMENT, build_course
 
-pytestmark = pytest.mark.slow
+# one xdist worker runs the whole module, so the class is graded once (the fixture is module-scoped)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("autograder_grading")]
 EXTRA = "autograder.selftest_exercises"
 ESCAPE = Path("/tmp/autograder_escape.txt")
 
@@ -76,6 +77,10 @@ def test_perfect_is_clean_and_feedback_hides_hidden_tests(graded):
     html = Path(r["feedback"]).read_text()
     assert 'check("99.scaled_linear"' not in html and "check(&quot;" not in html and r["hidden_leaks"] == []
     assert "Checks run outside your notebook" in html
+    # no grader path, no Matplotlib warning (a read-only config folder), test cells named (issue 13, item 9)
+    root = graded[0]
+    assert "Matplotlib" not in html and "writable" not in html and str(root) not in html
+    assert "Test cell <code>test_scaled_linear</code>" in html and "Test cell <code>test_lora_delta</code>" in html
 
 
 def test_patching_cheat_loses_the_points_and_is_flagged(graded):
@@ -160,4 +165,139 @@ def test_validate_exit_codes(graded, name, code):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == code, proc.stdout + proc.stderr
     if code == 1:
-        assert "FAILED  test_lora_delta" in proc.stdout and "NotImplementedError" in proc.stdout
+        assert "FAILED  test_lora_delta" in proc.stdout and "NotImplementedError: not answered yet" in proc.stdout
+        assert not any(line.rstrip().endswith("NotImplementedError:") for line in proc.stdout.splitlines())
+
+
+def test_make_validate_names_the_autograders_exit_code(graded):
+    root = graded[0]
+    proc = subprocess.run(["make", "-s", "-o", ".venv/.installed", "validate", f"NB={root / 'inbox' / f'blank_{ASSIGNMENT}.ipynb'}"],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2 and "make validate: exit 1 (a visible test failed" in proc.stderr, proc.stderr
+
+
+# -- the same class on a Dask cluster ---------------------------------------------------------------------------
+
+DASK_STUDENTS = ("perfect", "blank", "forgot_scaling", "cheat_patch", "crash_exit")
+
+
+def _verdict(r: dict) -> dict:
+    return dict(status=r["status"], score=r["score"], nbgrader_score=r["nbgrader_score"], max_score=r["max_score"],
+                withdrawn=sorted(r["withdrawn"]), crashes=len(r["crashes"]), flag=r["audit"]["flag"],
+                cells={g: (c["score"], c["max"], c["withdrawn"]) for g, c in r["cells"].items()},
+                judge={e: (o["passed"], o["cases"], o["cases_passed"]) for e, o in r["judge"].items()})
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc, seconds: float = 120) -> None:
+    import socket
+    import time
+    end = time.time() + seconds
+    while time.time() < end:
+        assert proc.poll() is None, "the dask scheduler exited"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@pytest.fixture
+def dask_processes(tmp_path):
+    """A real `dask scheduler` and `dask worker` processes on 127.0.0.1, stopped (by pid) at the end."""
+    import os
+    import signal
+    dask = str(Path(sys.executable).parent / "dask")
+    port = _free_port()
+    env = dict(os.environ, LORA_REF_EXTRA_EXERCISES=EXTRA, DASK_DISTRIBUTED__WORKER__DAEMON="False")
+    procs = []
+
+    def start(*args, log):
+        p = subprocess.Popen([dask, *args], stdout=open(tmp_path / log, "wb"), stderr=subprocess.STDOUT, env=env,
+                             start_new_session=True)
+        procs.append(p)
+        return p
+
+    scheduler = start("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard", "--no-show",
+                      log="scheduler.log")
+    _wait_port(port, scheduler)
+    address = f"tcp://127.0.0.1:{port}"
+
+    def worker(name):
+        return start("worker", address, "--name", name, "--nthreads", "1", "--no-nanny", "--memory-limit", "0",
+                     "--host", "127.0.0.1", "--no-dashboard", log=f"{name}.log")
+    yield address, worker
+    for p in reversed(procs):
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        p.wait()
+
+
+def test_dask_cluster_grades_like_the_local_run_despite_a_killed_worker(graded, dask_processes, tmp_path):
+    """Two `dask worker` processes; the one that takes the first task is killed (SIGKILL) while it
+    grades, a third joins late. Every submission gets exactly one result, equal to the local run's,
+    and one gradebook row; a second run grades nothing again (results on disk are the record)."""
+    import os
+    import signal
+    import time
+    from distributed import Client
+
+    root, opts, local = graded
+    address, worker = dask_processes
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for s in DASK_STUDENTS:
+        (inbox / f"{s}_{ASSIGNMENT}.ipynb").write_bytes((root / "inbox" / f"{s}_{ASSIGNMENT}.ipynb").read_bytes())
+    workers = {"w1": worker("w1"), "w2": worker("w2")}
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "autograder", "grade", str(inbox), "--scheduler", address, "--source",
+           str(root / "solutions"), "--out", str(out), "--timeout", str(opts.timeout), "--submission-timeout",
+           str(opts.submission_timeout), "--memory-mb", str(opts.memory_mb), "--quiet"]
+    env = dict(os.environ, LORA_REF_EXTRA_EXERCISES=EXTRA)
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    killed = None
+    with Client(address, timeout=30) as client:
+        deadline = time.time() + 600
+        busy_since: dict[str, float] = {}
+        while killed is None and time.time() < deadline and run.poll() is None:
+            info = client.scheduler_info()["workers"]
+            for addr, keys in client.processing().items():
+                name = info.get(addr, {}).get("name")
+                if keys and name in workers:
+                    busy_since.setdefault(name, time.time())
+                    if time.time() - busy_since[name] > 3:          # mid-task: its grading subprocess runs
+                        os.kill(workers[name].pid, signal.SIGKILL)
+                        killed = name
+                        worker("w3")                               # a worker that joins late
+                        break
+            time.sleep(0.5)
+    output, _ = run.communicate(timeout=900)
+    assert killed, "no worker was seen grading, so none was killed: " + output[-2000:]
+    assert run.returncode == 0, output[-3000:]
+    files = sorted(p.stem for p in (out / "results" / ASSIGNMENT).glob("*.json"))
+    assert files == sorted(DASK_STUDENTS)
+    remote = {s: json.loads((out / "results" / ASSIGNMENT / f"{s}.json").read_text()) for s in DASK_STUDENTS}
+    for s in DASK_STUDENTS:        # error texts name the run's secret cases, so verdicts are compared
+        assert _verdict(remote[s]) == _verdict(local[s]), s
+    assert len((out / "grades.csv").read_text().splitlines()) == 1 + len(DASK_STUDENTS)
+    from nbgrader.api import Gradebook
+    with Gradebook(f"sqlite:///{out / 'course' / 'gradebook.db'}", "lora-course") as gb:
+        subs = gb.assignment_submissions(ASSIGNMENT)
+        assert sorted(x.student_id for x in subs) == sorted(DASK_STUDENTS)    # one row each
+        for x in subs:
+            assert x.score == remote[x.student_id]["score"], x.student_id
+    feedback = Path(remote["perfect"]["feedback"])
+    assert feedback.is_file() and str(out / "course" / "feedback") in str(feedback)
+    before = {p: p.read_bytes() for p in (out / "results").rglob("*.json")}
+    again = subprocess.run(cmd[:-1], capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{len(DASK_STUDENTS)} submission(s) already graded" in again.stdout, again.stdout[-2000:]
+    assert {p: p.read_bytes() for p in (out / "results").rglob("*.json")} == before
