@@ -36,12 +36,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lora_ref.models import configure_cpu_threads
+from lora_ref.models import notebook_setup
 
-GRADING = "NBGRADER_EXECUTION" in os.environ     # set by nbgrader: demo runs shrink while grading
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-configure_cpu_threads()        # OMP_NUM_THREADS if set, 1 thread on a busy machine, else up to 4
-print(f"torch {torch.__version__} on {DEVICE}, {torch.get_num_threads()} thread(s); grading mode: {GRADING}")
+GRADING, DEVICE = notebook_setup()     # grading mode (nbgrader running: demos shrink), CUDA or CPU, CPU threads
 
 # %% [markdown]
 # ## 1. Merging is one addition — done carefully

@@ -26,8 +26,9 @@ import math
 import os
 
 from lora_ref.drills import FREE_TEXT_LIMITS, get_item, grade, model_answer_text, question_text
+from lora_ref.models import notebook_setup
 
-GRADING = "NBGRADER_EXECUTION" in os.environ
+GRADING, DEVICE = notebook_setup()     # grading mode (nbgrader running: demos shrink), CUDA or CPU, CPU threads
 
 
 def show(item_id: str) -> None:
