@@ -11,6 +11,12 @@ double quantisation, blocksize 64. Modes, each in its own process (clean peak-me
 - ``fast``: ``lora_ref.kernels``: Triton dequantisation into a shared scratch buffer, base + LoRA in one
   autograd node that saves only the 16-bit input, and a chunked cross-entropy; ``fast_norm`` adds
   ``fuse_rms_norms`` (one fused RMSNorm kernel instead of transformers' fp32 chain).
+- ``fast_compile``: ``fast_norm`` with every decoder layer under ``torch.compile`` (the 4-bit linears opaque).
+- ``fast_graph`` / ``lora_ref_graph``: ``fast_norm`` / ``lora_ref`` with the whole step (forward, backward with
+  checkpointing, fused AdamW) captured once as a CUDA graph and replayed (``lora_ref.kernels.CUDAGraphStep``):
+  one launch per step instead of thousands, so the CPU no longer sets the pace.
+- ``recipe_liger``: the recipe with liger-kernel's Llama patches (RMSNorm, RoPE, SwiGLU, fused linear
+  cross-entropy): the second anchor.
 - ``recipe_no_ckpt`` / ``bf16_lora_no_ckpt``: the same recipes with gradient checkpointing OFF. The
   anchor figures (25.87 GB, 5,060 tok/s; 32.82 GB, 8,088 tok/s) match these, not the checkpointed runs:
   transformers checkpoints a layer only while ``module.training`` is True, and a model fresh from
