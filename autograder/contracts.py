@@ -29,7 +29,7 @@ class Defaults:
     memory_mb: int = 4096              # address space of each sandboxed process (torch alone maps ~650 MB)
     cpu_seconds: int = 1800            # RLIMIT_CPU backstop of each sandboxed process
     file_mb: int = 256                 # largest file a sandboxed process may write
-    nproc: int = 256                   # RLIMIT_NPROC backstop (the PID namespace is the real bound)
+    nproc: int = 4096                  # RLIMIT_NPROC backstop, per uid (the PID namespace is the real bound)
     output_bytes: int = 1_000_000      # what one notebook cell may print
 
 
@@ -243,7 +243,7 @@ class Result:
     def why(self) -> list[str]:
         """Why this submission lost points or was flagged, one line each (grades.csv's notes): the
         notes, then kernel crashes, judge deaths (timeout, memory, signal), withdrawals with their
-        evidence, and a lack of isolation."""
+        evidence (a lack of isolation is already a note: the worker's audit stage adds it)."""
         lines = list(self.notes)
         lines += [f"kernel: {c}" for c in self.crashes]
         lines += [f"judge: {d}" for d in self.judge_deaths]
@@ -253,6 +253,4 @@ class Result:
         blocked = [r for r in self.audit.runtime if ": blocked_" in r or ": write_outside:" in r]
         if blocked:
             lines.append(f"escape attempts recorded: {len(blocked)} (first: {blocked[0][:120]})")
-        if self.containment and self.containment != "namespaces":
-            lines.append(f"isolation: {self.containment}")
         return lines
