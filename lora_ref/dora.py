@@ -149,3 +149,13 @@ class DoRALinear(LoRALinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", dora"
+
+
+def dora_param_count(shape, r: int, targets) -> int:
+    """Trainable parameters of DoRA on ``targets`` of every layer of a model shape (lora_ref.memory presets):
+    LoRA's r (in + out) per projection plus the magnitude vector, out_features per projection."""
+    from . import memory as mem
+
+    dims = mem.linear_shapes(shape)
+    magnitudes = sum(dims[t][0] for t in targets) * mem.get_shape(shape).n_layers
+    return mem.lora_param_count(shape, r, targets) + magnitudes

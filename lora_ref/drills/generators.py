@@ -412,6 +412,51 @@ def bug_item(card: str, which: int) -> Item:
     )
 
 
+def dora_params_item(shape: str, r: int, targets: tuple[str, ...]) -> Item:
+    from ..dora import dora_param_count
+    n = dora_param_count(shape, r, targets)
+    lora_n = mem.lora_param_count(shape, r, targets)
+    shapes = mem.linear_shapes(shape)
+    outs = " + ".join(f"{shapes[t][0]}" for t in targets)
+    return Item(
+        id=f"gen.dora-params:{shape}:{r}:{'+'.join(targets)}", card="gen.dora-params", topic="variants",
+        kind="numeric", difficulty=2, unit="params", value=float(n), rel_tol=0.005,
+        prompt=(f"{describe(shape)}.\nHow many trainable parameters does DoRA with r={r} on "
+                f"{_targets_name(targets)} of every layer have? (LoRA's A and B plus DoRA's magnitude vectors.)"),
+        answer=(f"{n:,}: LoRA's {lora_n:,} ({_lora_working(shape, r, targets)}) plus one magnitude per output "
+                f"unit of each adapted projection: ({outs}) x {mem.get_shape(shape).n_layers} layers = {n - lora_n:,} "
+                f"(+{(n - lora_n) / lora_n:.1%})."),
+        key_points=(kp("LoRA's r (in + out) per projection", "r in out"), kp("plus out_features per projection", "out")),
+        source="DoRA paper Section 4.1 (m has one entry per output unit); computed by lora_ref.dora.dora_param_count",
+    )
+
+
+def loftq_gain_item(diag: tuple[float, ...], step: float) -> Item:
+    """LoftQ (r = 1, T = 1) on a diagonal matrix with a round-to-``step`` quantiser: error ratio vs QLoRA."""
+    import torch
+
+    from ..loftq import loftq_factors, step0_error
+    W = torch.diag(torch.tensor(diag, dtype=torch.float64)).float()
+    quantize = lambda M: torch.round(M / step) * step                            # noqa: E731
+    Q, A, B = loftq_factors(W, 1, 1.0, 1, quantize)
+    plain, loft = step0_error(W, quantize(W)), step0_error(W, Q, A, B, 1.0)
+    if plain == 0:
+        raise ValueError(f"diag={diag} is exactly representable on a grid of {step}: no quantisation error")
+    errs = [d - round(d / step) * step for d in diag]
+    return Item(
+        id=f"gen.loftq-gain:{':'.join(f'{d:g}' for d in diag)}:{step:g}", card="gen.loftq-gain", topic="variants",
+        kind="numeric", difficulty=3, unit="x", value=loft / plain, rel_tol=0.01,
+        prompt=(f"W = diag({', '.join(f'{d:g}' for d in diag)}); the quantiser rounds every entry to a multiple of "
+                f"{step:g}. LoftQ with r = 1 and one iteration: what is its step-0 error ||W - (Q + sBA)||_F divided "
+                f"by plain QLoRA's ||W - Q(W)||_F? (A ratio, 3 significant figures.)"),
+        answer=(f"{loft / plain:.3f}. Q = Q(W), so W - Q = diag({', '.join(f'{e:+.3g}' for e in errs)}); the best "
+                f"rank-1 approximation of a diagonal matrix keeps its largest |entry|, so the error left is the "
+                f"norm of the others: {loft * float(W.norm()):.4g} vs {plain * float(W.norm()):.4g}."),
+        key_points=(kp("first iteration quantises W itself", "q w"), kp("rank-1 SVD removes the largest error", "largest")),
+        source="LoftQ paper Algorithm 1; computed by lora_ref.loftq.loftq_factors and step0_error",
+    )
+
+
 # ------------------------------------------------------------------------------- registry and draws
 @dataclass(frozen=True)
 class Generator:
@@ -449,6 +494,11 @@ GENERATORS: dict[str, Generator] = {g.card: g for g in (
                                      rng.choice((512, 2048, 4096)), rng.choice(RANKS))),
     Generator("gen.flop-ratio", "sizing", "numeric", "LoRA's real compute saving",
               lambda rng: flop_ratio_item(rng.choice(MODELS), rng.choice(RANKS), rng.choice((512, 2048, 8192)))),
+    Generator("gen.dora-params", "variants", "numeric", "DoRA trainable parameters",
+              lambda rng: dora_params_item(rng.choice(MODELS), rng.choice(RANKS), _pick_targets(rng))),
+    Generator("gen.loftq-gain", "variants", "numeric", "LoftQ's step-0 error against QLoRA's",
+              lambda rng: loftq_gain_item(tuple(round(rng.uniform(-3, 3), 2) + 0.003 for _ in range(rng.choice((2, 3, 4)))),
+                                          rng.choice((0.25, 0.5, 1.0)))),
     *(Generator(card, topic, "bug", f"spot the bug in {title}",
                 (lambda c, n: lambda rng: bug_item(c, rng.randrange(n)))(card, len(muts)))
       for card, (topic, title, _t, muts) in _BUG_TEMPLATES.items()),

@@ -31,6 +31,7 @@ TOPICS: dict[str, str] = {
     "mixed-precision": "Mixed precision: fp16, bf16, loss scaling",
     "implementation": "Implementation details (code-level)",
     "sizing": "Sizing: parameters, bytes, memory, FLOPs",
+    "variants": "Beyond plain LoRA: DoRA, PiSSA, LoftQ, LoRA+",
 }
 
 #: base units a numeric answer is measured in (the grader converts what the learner types into these)

@@ -205,6 +205,20 @@ class Progress:
                             (card, item, topic, kind, now.isoformat(), rating, suggested, float(score), mode, seconds))
         return CardInfo(card, topic, kind, state, lapses)
 
+    def make_due(self, card: str, topic: str, kind: str, now: datetime | None = None) -> CardInfo:
+        """Schedule ``card`` as due ``now`` without logging a review (a failed graded exercise sends the
+        learner back to its topic): a new card gets a fresh FSRS state due now; a known one keeps its
+        memory state (stability, difficulty, lapses) and only its due time moves, never later."""
+        now = now or utcnow()
+        info = self.card(card)
+        state = info.state if info else fsrs.Card(due=now)
+        if state.due > now:
+            state.due = now
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO cards VALUES (?, ?, ?, ?, ?)",
+                            (card, topic, kind, state.to_json(), info.lapses if info else 0))
+        return CardInfo(card, topic, kind, state, info.lapses if info else 0)
+
     def reviews(self, limit: int | None = None) -> list[dict]:
         sql = "SELECT card, item, topic, kind, ts, rating, suggested, score, mode, seconds FROM reviews ORDER BY id DESC"
         rows = self._query(sql + (f" LIMIT {int(limit)}" if limit else ""))

@@ -49,9 +49,25 @@ class Exercise:
     notebook: str = field(default="")         # "02_lora_linear"; filled from id when empty
     unsealed: tuple[str, ...] = ()            # lora_ref modules whose objects are inputs of run (the judge
                                               # loads them beside learner code: their references are reachable)
+    topics: tuple[str, ...] = ()              # drill topics (lora_ref.drills.items.TOPICS) a failure sends the
+                                              # learner to practise; () means the notebook's (NOTEBOOK_TOPICS)
 
 
 REGISTRY: dict[str, Exercise] = {}
+
+#: the drill topics of each notebook's exercises, for exercises that name none themselves
+NOTEBOOK_TOPICS: dict[str, tuple[str, ...]] = {
+    "00": ("lora-math",), "01": ("lora-math",), "02": ("lora-math", "implementation"),
+    "03": ("implementation", "evaluation"), "04": ("rank-alpha",), "05": ("qlora",), "06": ("qlora", "sizing"),
+    "07": ("deployment",), "08": ("peft-family", "full-vs-lora", "evaluation"), "09": ("sizing",),
+    "10": ("variants",),
+}
+
+
+def topics_of(exercise_id: str) -> tuple[str, ...]:
+    """The drill topics of an exercise: its own ``topics``, else its notebook's."""
+    ex = get(exercise_id)
+    return ex.topics or NOTEBOOK_TOPICS.get(ex.id.split(".")[0], ())
 
 
 def register(ex: Exercise) -> Exercise:

@@ -142,7 +142,7 @@ register(Exercise(id="02.lora_forward_half", symbol="LoRALinear", reference=LoRA
                   run=_run_forward, atol=HALF_ATOL, rtol=HALF_RTOL))
 register(Exercise(id="02.lora_merge", symbol="LoRALinear", reference=LoRALinear,
                   cases=lambda seed=25: _layer_cases(seed, ["float32", "float64"], 10),
-                  run=_run_merge, atol=1e-5, rtol=1e-4))
+                  run=_run_merge, atol=1e-5, rtol=1e-4, topics=("deployment", "implementation")))
 register(Exercise(id="02.lora_merge_half", symbol="LoRALinear", reference=LoRALinear,
                   cases=lambda seed=26: _layer_cases(seed, ["bfloat16", "float16"], 8),
-                  run=_run_merge, atol=HALF_ATOL, rtol=HALF_RTOL))
+                  run=_run_merge, atol=HALF_ATOL, rtol=HALF_RTOL, topics=("deployment", "mixed-precision")))

@@ -154,12 +154,12 @@ def _run_loraplus(fn, case: Case) -> dict[str, torch.Tensor]:
 
 
 register(Exercise("10.dora_forward", "dora_forward", dora_forward, lambda seed=1001: _layer_cases(seed),
-                  _run_dora_forward, atol=1e-5, rtol=1e-4))
+                  _run_dora_forward, atol=1e-5, rtol=1e-4, topics=("variants", "implementation")))
 register(Exercise("10.dora_merge", "dora_merged_weight", dora_merged_weight, lambda seed=1002: _layer_cases(seed),
                   _run_dora_merge, atol=1e-5, rtol=1e-4))
 register(Exercise("10.pissa_factors", "pissa_factors", pissa_factors, lambda seed=1003: _layer_cases(seed),
                   _run_pissa, atol=1e-4, rtol=1e-4))
 register(Exercise("10.loftq_factors", "loftq_factors", loftq_factors, _loftq_cases, _run_loftq,
-                  atol=1e-4, rtol=1e-4))
+                  atol=1e-4, rtol=1e-4, topics=("variants", "qlora")))
 register(Exercise("10.loraplus_groups", "loraplus_param_groups", loraplus_param_groups, _loraplus_cases,
                   _run_loraplus, atol=0.0, rtol=1e-12))

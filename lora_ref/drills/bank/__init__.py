@@ -6,9 +6,10 @@ the package without package-data configuration. Generated questions live in ``..
 from __future__ import annotations
 
 from ..items import TOPICS, Item, validate_item
-from . import bugs, lora_math, peft_family, practice, qlora
+from . import bugs, lora_math, peft_family, practice, qlora, variants
 
-ITEMS: tuple[Item, ...] = tuple(lora_math.ITEMS + qlora.ITEMS + peft_family.ITEMS + practice.ITEMS + bugs.ITEMS)
+ITEMS: tuple[Item, ...] = tuple(lora_math.ITEMS + qlora.ITEMS + peft_family.ITEMS + practice.ITEMS + bugs.ITEMS
+                                + variants.ITEMS)
 
 
 def _index(items: tuple[Item, ...]) -> dict[str, Item]:
