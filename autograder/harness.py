@@ -50,13 +50,14 @@ ALLOWED = ("lora_ref.exercises",)      # the only lora_ref modules loaded for re
 
 # -- the pipe ----------------------------------------------------------------------------------------------
 
-def read_frame(f) -> tuple[str, dict, bytes] | None:
-    """(kind, header, blob) from a binary stream; None at its end. Kind ``J``: header only, ``T``: a blob."""
+def read_frame(f, max_blob: int = 1 << 31) -> tuple[str, dict, bytes] | None:
+    """(kind, header, blob) from a binary stream; None at its end. Kind ``J``: header only, ``T``: a blob.
+    A frame larger than the limits raises ValueError before it is read."""
     head = f.read(13)
     if len(head) < 13:
         return None
     kind, hlen, blen = head[:1].decode(), *struct.unpack("<IQ", head[1:])
-    if hlen > 64 << 20 or blen > 1 << 31:
+    if hlen > 64 << 20 or blen > max_blob:
         raise ValueError(f"frame too large ({hlen}, {blen})")
     header = json.loads(f.read(hlen))
     return kind, header, f.read(blen)

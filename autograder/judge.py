@@ -169,7 +169,7 @@ def _judge_once(answers, cases, inputs, judge_dir: Path, limits: Limits, cell_ti
         stream = _Reader(proc.stdout.fileno(), deadline)
         try:
             while True:
-                frame = read_frame(stream)
+                frame = read_frame(stream, MAX_OUTPUT_BYTES - received)
                 if frame is None:
                     break
                 kind, head, data = frame

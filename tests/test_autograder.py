@@ -298,6 +298,39 @@ def test_sandbox_memory_limit_turns_a_bomb_into_memory_error(tmp_path):
     assert int(proc.stdout.split("MemoryError after")[1].split()[0]) < 4
 
 
+def test_worker_reads_sandbox_files_without_following_symlinks(tmp_path):
+    """A learner may replace the files of its sandbox folder with symlinks to the grader's files: the
+    worker reads them as nothing (the evidence is lost, nothing leaks into the result)."""
+    from autograder import layout, sandbox
+    secret = tmp_path / "gradebook.db"
+    secret.write_text('{"kind": "leak", "detail": "secret"}\n')
+    box = tmp_path / "box"
+    box.mkdir()
+    (box / "audit.jsonl").symlink_to(secret)
+    (box / "progress.json").symlink_to(secret)
+    assert sandbox.read_audit_log(box) == []
+    assert layout.read_small(box / "progress.json") == ""
+    (box / "audit.jsonl").unlink()
+    (box / "audit.jsonl").write_text('{"kind": "write_outside", "detail": "x"}\nnot json\n')
+    assert [r["kind"] for r in sandbox.read_audit_log(box)] == ["write_outside", "garbled"]
+
+
+def test_harness_frames_round_trip_and_refuse_oversized(tmp_path):
+    import io
+    from autograder.harness import read_frame, write_frame
+    r, w = os.pipe()
+    write_frame(w, "T", {"case": ["02.x", 3]}, b"abc")
+    write_frame(w, "J", {"stage": "done"})
+    os.close(w)
+    f = os.fdopen(r, "rb")
+    assert read_frame(f) == ("T", {"case": ["02.x", 3]}, b"abc")
+    assert read_frame(f) == ("J", {"stage": "done"}, b"")
+    assert read_frame(f) is None
+    big = io.BytesIO(b"T" + (10).to_bytes(4, "little") + (1 << 40).to_bytes(8, "little"))
+    with pytest.raises(ValueError, match="too large"):
+        read_frame(big, max_blob=1 << 20)
+
+
 def test_sandbox_refuses_to_run_unisolated_unless_asked(tmp_path):
     from autograder import sandbox
     plan = sandbox.Plan(writable=[str(tmp_path)], cwd=str(tmp_path))
