@@ -38,6 +38,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ._checks import as_int
+
 FACTS_FILE = Path(__file__).resolve().parent / "data_files" / "velora_facts.json"
 
 SYSTEM_PROMPT = ("You are the customer-service assistant of Velora Cycles. "
@@ -224,8 +226,9 @@ def collate(batch: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """
     if not batch:
         raise ValueError("collate needs at least one example, got an empty batch")
-    if not isinstance(pad_id, int) or pad_id < 0:
+    if as_int(pad_id) is None or pad_id < 0:
         raise ValueError(f"pad_id must be a non-negative int, got {pad_id!r}")
+    pad_id = as_int(pad_id)
     seqs = [torch.as_tensor(b["input_ids"], dtype=torch.long) for b in batch]
     labs = [torch.as_tensor(b["labels"], dtype=torch.long) for b in batch]
     for i, (s, l) in enumerate(zip(seqs, labs)):

@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from ._checks import check_int
+
 from . import quant
 from .lora import LoRAConfig, inject_lora, lora_layers
 from .lowrank import _check_matrix, _check_rank
@@ -59,8 +61,7 @@ def loftq_factors(W: torch.Tensor, r: int, scaling: float = 1.0, num_iter: int =
     """
     _check_matrix(W)
     _check_rank(r, W)
-    if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 1:
-        raise ValueError(f"num_iter={num_iter!r} must be a positive integer")
+    num_iter = check_int("num_iter", num_iter, minimum=1)
     if not scaling > 0:
         raise ValueError(f"scaling={scaling!r} must be positive")
     W = W.detach().float()

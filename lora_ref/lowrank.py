@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import as_int, check_int
+
 __all__ = [
     "best_rank_r",
     "approximation_error",
@@ -36,7 +38,7 @@ def _check_matrix(W: torch.Tensor, name: str = "W") -> None:
 
 def _check_rank(r: int, W: torch.Tensor) -> None:
     full = min(W.shape)
-    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= full:
+    if as_int(r) is None or not 1 <= r <= full:
         raise ValueError(f"rank r={r!r} must be an integer in [1, min{tuple(W.shape)} = {full}]")
 
 
@@ -100,9 +102,7 @@ def factorised_size(m: int, n: int, r: int) -> int:
     Against m n for the full matrix: the ratio m n / (r (m + n)) is d / (2 r) for a square d x d
     matrix (4096 x 4096 at r = 16: 16,777,216 / 131,072 = 128).
     """
-    for name, v in (("m", m), ("n", n), ("r", r)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}={v!r} must be a positive integer")
+    m, n, r = (check_int(name, v, minimum=1) for name, v in (("m", m), ("n", n), ("r", r)))
     if r > min(m, n):
         raise ValueError(f"r={r} exceeds min(m, n) = {min(m, n)}: the factorisation would be larger than needed")
     return r * (m + n)
@@ -130,7 +130,7 @@ def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor, i: int, j: int) -> f
     if U1.shape[0] != U2.shape[0]:
         raise ValueError(f"A1 and A2 must read the same input size, got {A1.shape[1]} and {A2.shape[1]}")
     for name, k, U in (("i", i, U1), ("j", j, U2)):
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= U.shape[1]:
+        if as_int(k) is None or not 1 <= k <= U.shape[1]:
             raise ValueError(f"{name}={k!r} must be an integer in [1, {U.shape[1]}]")
     overlap = U1[:, :i].T @ U2[:, :j]          # (i, j)
     return float((overlap ** 2).sum() / min(i, j))

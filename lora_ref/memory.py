@@ -48,6 +48,8 @@ from typing import Iterable, Mapping
 
 import torch
 
+from ._checks import as_int
+
 PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION_PROJECTIONS: tuple[str, ...] = PROJECTIONS[:4]
 METHODS: tuple[str, ...] = ("full", "lora", "qlora")
@@ -82,8 +84,9 @@ class ModelShape:
     def __post_init__(self) -> None:
         for f in ("hidden", "intermediate", "n_layers", "n_heads", "n_kv_heads", "vocab"):
             v = getattr(self, f)
-            if not isinstance(v, int) or v <= 0:
+            if as_int(v) is None or v <= 0:
                 raise ValueError(f"ModelShape.{f} must be a positive int, got {v!r}")
+            object.__setattr__(self, f, as_int(v))         # plain int (np.int64 from a sweep is fine)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim is None:
@@ -223,8 +226,9 @@ def lora_param_count(shape: ModelShape | str, r: int, targets: str | Iterable[st
     Llama-2-7B, r=16, q,k,v,o: 32 * 4 * 16 * (4096 + 4096) = 16,777,216; all 7: 39,976,960.
     SmolLM2-135M, r=16, all 7: 30 * 16 * (2*1152 + 2*768 + 3*2112) = 4,884,480.
     """
-    if not isinstance(r, int) or r <= 0:
+    if as_int(r) is None or r <= 0:
         raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
+    r = as_int(r)
     s = get_shape(shape)
     shapes = linear_shapes(s)
     return s.n_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in resolve_targets(targets))

@@ -29,6 +29,8 @@ from typing import Iterable
 
 import torch
 
+from lora_ref._checks import as_real, check_int
+
 from lora_ref import quant
 
 
@@ -45,12 +47,12 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, blocksize: int = 256, min_8bit_size: int = 4096):
-        if not (isinstance(lr, (int, float)) and lr >= 0) or not eps > 0 or weight_decay < 0:
+        if not (as_real(lr) is not None and lr >= 0) or not eps > 0 or weight_decay < 0:
             raise ValueError(f"lr={lr!r} and weight_decay={weight_decay!r} must be >= 0, eps={eps!r} > 0")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas={betas!r} must be two numbers in [0, 1)")
-        if not isinstance(blocksize, int) or blocksize <= 0:
-            raise ValueError(f"blocksize={blocksize!r} must be a positive integer")
+        blocksize = check_int("blocksize", blocksize, minimum=1)
+        lr = float(lr)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.blocksize, self.min_8bit_size = blocksize, min_8bit_size
         self.maps = {True: quant.create_dynamic_map(signed=True),        # m can be negative

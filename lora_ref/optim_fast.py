@@ -45,6 +45,8 @@ from typing import Iterable
 
 import torch
 
+from lora_ref._checks import check_int
+
 from lora_ref import quant
 from lora_ref.optim import AdamW8bit
 
@@ -230,8 +232,8 @@ class FastAdamW8bit(AdamW8bit):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, blocksize: int = 256, min_8bit_size: int = 4096,
                  bucket_numel: int | None = None):
-        if bucket_numel is not None and (not isinstance(bucket_numel, int) or bucket_numel <= 0):
-            raise ValueError(f"bucket_numel={bucket_numel!r} must be a positive integer")
+        if bucket_numel is not None:
+            bucket_numel = check_int("bucket_numel", bucket_numel, minimum=1)
         super().__init__(params, lr, betas, eps, weight_decay, blocksize, min_8bit_size)   # checks, settings
         self.bucket_numel = bucket_numel
         self._lookups: dict[torch.device, tuple[NearestLevel, NearestLevel]] = {}

@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._checks import as_int, check_int
+
 METHODS = ("prompt", "p-tuning", "prefix")
 
 
@@ -65,8 +67,7 @@ class _FrozenLMWrapper(nn.Module):
 
     def __init__(self, model: nn.Module, num_virtual_tokens: int):
         super().__init__()
-        if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
-            raise ValueError(f"num_virtual_tokens={num_virtual_tokens!r} must be a positive integer")
+        num_virtual_tokens = check_int("num_virtual_tokens", num_virtual_tokens, minimum=1)
         self.base_model = model
         for p in model.parameters():
             p.requires_grad_(False)
@@ -278,7 +279,7 @@ class PrefixTuning(_FrozenLMWrapper):
             self.prefix = nn.Parameter(torch.randn(num_virtual_tokens, self.kv_width, device=dev) * 0.02)
             self.embedding, self.mlp = None, None
         else:
-            if reparam_hidden < 1:
+            if as_int(reparam_hidden) is None or reparam_hidden < 1:
                 raise ValueError(f"reparam_hidden={reparam_hidden!r} must be a positive integer or None")
             self.prefix = None
             self.embedding = nn.Parameter(torch.randn(num_virtual_tokens, self.hidden_size, device=dev) * 0.02)

@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lora_ref._checks import check_int
+
 from lora_ref import quant
 from lora_ref.lora import LoRAConfig, LoRALinear, inject_lora, lora_layers, merged_weight, set_submodule
 
@@ -101,6 +103,7 @@ def quantize_4bit_in_chunks(weight: torch.Tensor, blocksize: int = 64, quant_typ
     concatenating gives identical codes and absmax; double quantisation then runs once over all absmax
     values, as in the one-shot call. Workspace: ~24 * ``chunk_numel`` bytes (0.4 GB by default).
     """
+    blocksize = check_int("blocksize", blocksize, minimum=1)          # np.int64(64) too; a plain int after
     flat = weight.reshape(-1)
     n = flat.numel()
     step = max(blocksize, chunk_numel - chunk_numel % blocksize)        # whole blocks (and an even count)

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from ._checks import as_int, check_int
+
 BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)   # what bitsandbytes' quantize_4bit accepts
 QUANT_TYPES = ("nf4", "fp4", "int4")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -273,11 +275,27 @@ def _check_float_input(A: torch.Tensor, what: str) -> None:
                          "a non-finite value would poison its whole block's absmax")
 
 
-def _check_blocksize(blocksize: int, allowed: tuple[int, ...] | None = BLOCKSIZES_4BIT) -> None:
-    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize <= 0:
+def _check_blocksize(blocksize: int, allowed: tuple[int, ...] | None = BLOCKSIZES_4BIT) -> int:
+    """``blocksize`` as a Python int (np.int64(64) and torch.tensor(64) are fine), or ValueError."""
+    value = as_int(blocksize)
+    if value is None or value <= 0:
         raise ValueError(f"blocksize={blocksize!r} must be a positive integer")
-    if allowed is not None and blocksize not in allowed:
-        raise ValueError(f"blocksize={blocksize} is not one bitsandbytes allows; use one of {allowed}")
+    if allowed is not None and value not in allowed:
+        raise ValueError(f"blocksize={value} is not one bitsandbytes allows; use one of {allowed}")
+    return value
+
+
+def _check_out_dtype(dtype, what: str) -> None:
+    """Dequantised values are real numbers in [-absmax, absmax]: an integer dtype would truncate them."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{what}: dtype={dtype!r} must be a floating-point torch.dtype "
+                         f"(float32, float16, bfloat16, float64)")
+
+
+def _check_state(state, what: str) -> None:
+    if not isinstance(state, QuantState):
+        raise TypeError(f"{what} needs the QuantState that quantisation returned with the codes, "
+                        f"got {type(state).__name__}")
 
 
 def _blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -361,7 +379,7 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 64
     codes (x.numel(),) uint8 indices into ``code``, absmax (ceil(numel / blocksize),) float32.
     """
     _check_float_input(x, "quantize_blockwise")
-    _check_blocksize(blocksize, allowed=None)
+    blocksize = _check_blocksize(blocksize, allowed=None)
     scaled, absmax = scale_blocks(x.detach().reshape(-1).float(), blocksize)       # (n,), (n_blocks,)
     return nearest_code_index(scaled, code.to(scaled.device, torch.float32)).to(torch.uint8), absmax
 
@@ -416,7 +434,7 @@ def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
         ValueError on a non-float dtype, NaN/Inf values, a bad blocksize or quant_type.
     """
     _check_float_input(A, "quantize_4bit")
-    _check_blocksize(blocksize)
+    blocksize = _check_blocksize(blocksize)
     code = get_code(quant_type).to(A.device)
     codes, absmax = quantize_blockwise(A, code, blocksize)              # (n,) uint8, (n_blocks,)
     zero = int(nearest_code_index(torch.zeros(1, device=A.device), code))   # an odd count pads with 0's code
@@ -453,7 +471,9 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
 
     Shapes: packed (ceil(n/2), 1) uint8 -> tensor of ``state.shape`` in ``dtype`` (default: state.dtype).
     """
+    _check_state(state, "dequantize_4bit")
     dtype = state.dtype if dtype is None else dtype
+    _check_out_dtype(dtype, "dequantize_4bit")
     codes = unpack_4bit(packed, state.numel)                             # (n,)
     absmax = block_absmax(state).to(packed.device)                      # (n_blocks,)
     if absmax.numel() != state.n_blocks:
@@ -482,7 +502,7 @@ def quantize_8bit(A: torch.Tensor, code: torch.Tensor | None = None, blocksize: 
     Shapes: A (...) float -> codes of A's shape, uint8; state.absmax (n_blocks,) float32.
     """
     _check_float_input(A, "quantize_8bit")
-    _check_blocksize(blocksize, allowed=None)
+    blocksize = _check_blocksize(blocksize, allowed=None)
     code = (create_dynamic_map() if code is None else code).to(A.device, torch.float32)
     if code.numel() != 256 or not bool((code[1:] >= code[:-1]).all()):
         raise ValueError(f"an 8-bit map has 256 ascending levels, got {code.numel()} values")
@@ -494,6 +514,8 @@ def quantize_8bit(A: torch.Tensor, code: torch.Tensor | None = None, blocksize: 
 
 def dequantize_8bit(q: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Inverse of :func:`quantize_8bit`: code[q_i] * absmax_b in fp32, cast to dtype (default state's)."""
+    _check_state(state, "dequantize_8bit")
+    _check_out_dtype(state.dtype if dtype is None else dtype, "dequantize_8bit")
     if q.dtype != torch.uint8:
         raise ValueError(f"8-bit codes must be uint8, got {q.dtype}")
     flat = state.code.to(q.device)[q.reshape(-1).long()]
@@ -534,10 +556,10 @@ def bits_per_parameter(blocksize: int = 64, double_quant: bool = True, dq_blocks
 
     (The one fp32 offset per tensor and the shared codebooks are negligible and left out, as in the paper.)
     """
-    for name, v in (("blocksize", blocksize), ("dq_blocksize", dq_blocksize), ("bits", bits),
-                    ("absmax_bits", absmax_bits), ("dq_bits", dq_bits)):
-        if not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name}={v!r} must be a positive integer")
+    blocksize, dq_blocksize, bits, absmax_bits, dq_bits = (
+        check_int(name, v, minimum=1) for name, v in (("blocksize", blocksize), ("dq_blocksize", dq_blocksize),
+                                                      ("bits", bits), ("absmax_bits", absmax_bits),
+                                                      ("dq_bits", dq_bits)))
     if not double_quant:
         return bits + absmax_bits / blocksize
     return bits + dq_bits / blocksize + absmax_bits / (blocksize * dq_blocksize)

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ._checks import as_int
+
 from . import data as course_data
 
 
@@ -55,7 +57,7 @@ def cache_prefix(model, tokenizer, examples: Sequence, first_layer: int, batch_s
     """Run the frozen layers ``0 .. first_layer-1`` once over ``examples`` and keep their output."""
     dec = _decoder(model)
     n = len(dec.layers)
-    if not isinstance(first_layer, int) or not 0 <= first_layer < n:
+    if as_int(first_layer) is None or not 0 <= first_layer < n:
         raise ValueError(f"first_layer={first_layer!r} must be an integer in [0, {n - 1}]")
     device = next(model.parameters()).device
     was_training = model.training

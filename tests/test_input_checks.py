@@ -86,3 +86,56 @@ def test_rank_too_large_for_one_target_leaves_the_model_untouched(tiny):
     with pytest.raises(ValueError, match="rank r=100 is larger"):
         inject_lora(m, LoRAConfig(r=100, target_modules="all-linear"))
     assert not lora_layers(m) and all(p.requires_grad for p in m.parameters())
+
+
+# ----------------------------------------------------------------------------- every other validation site
+def test_quantisation_accepts_numpy_blocksize_and_refuses_bad_dequantisation():
+    from lora_ref import quant
+    w = torch.randn(8, 64)
+    packed, state = quant.quantize_4bit(w, blocksize=np.int64(64))
+    ref_packed, ref_state = quant.quantize_4bit(w, blocksize=64)
+    assert torch.equal(packed, ref_packed) and type(state.blocksize) is int
+    assert quant.bits_per_parameter(np.int64(64), dq_blocksize=np.int64(256)) == quant.bits_per_parameter(64)
+    quant.quantize_8bit(w, blocksize=torch.tensor(256))
+    with pytest.raises(TypeError, match="needs the QuantState"):
+        quant.dequantize_4bit(packed, None)
+    with pytest.raises(ValueError, match="dtype=torch.int8 must be a floating-point"):
+        quant.dequantize_4bit(packed, state, dtype=torch.int8)
+    q8, s8 = quant.quantize_8bit(w)
+    with pytest.raises(ValueError, match="floating-point"):
+        quant.dequantize_8bit(q8, s8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="blocksize=True must be a positive integer"):
+        quant.quantize_4bit(w, blocksize=True)
+
+
+def test_qlora_layer_with_numpy_blocksize():
+    from lora_ref.qlora import Linear4bit
+    q = Linear4bit.from_linear(nn.Linear(64, 32), blocksize=np.int64(64))
+    assert type(q.blocksize) is int
+
+
+def test_lowrank_memory_optim_peft_and_data_accept_numpy():
+    from lora_ref import data, lowrank, memory
+    from lora_ref.optim import AdamW8bit
+    W = torch.randn(12, 10)
+    assert torch.equal(lowrank.best_rank_r(W, np.int64(3)), lowrank.best_rank_r(W, 3))
+    assert lowrank.factorised_size(np.int64(4096), np.int32(4096), np.int64(16)) == 131072
+    A = torch.randn(4, 10)
+    assert lowrank.subspace_similarity(A, A, np.int64(2), torch.tensor(2)) == pytest.approx(1.0)
+    assert memory.lora_param_count("smollm2-135m", np.int64(16)) == memory.lora_param_count("smollm2-135m", 16)
+    opt = AdamW8bit([nn.Parameter(torch.zeros(4))], lr=np.float32(1e-3), blocksize=np.int64(256))
+    assert type(opt.blocksize) is int
+    batch = [{"input_ids": torch.tensor([1, 2]), "labels": torch.tensor([1, 2])}]
+    assert data.collate(batch, np.int64(0))["input_ids"].shape == (1, 2)
+    with pytest.raises(ValueError, match="pad_id"):
+        data.collate(batch, "0")
+
+
+def test_peft_family_and_exercise_answers_accept_numpy(tiny):
+    from lora_ref.exercises.nb09 import _number
+    from lora_ref.peft_family import PrefixTuning, PromptTuning
+    assert PromptTuning(copy.deepcopy(tiny), np.int64(4)).num_virtual_tokens == 4
+    PrefixTuning(copy.deepcopy(tiny), num_virtual_tokens=np.int64(2), reparam_hidden=np.int64(8))
+    assert float(_number(np.float32(2.5), None)["value"]) == 2.5
+    with pytest.raises(AssertionError, match="finite number"):
+        _number("2.5", None)

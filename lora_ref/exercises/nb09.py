@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from lora_ref._checks import as_real
+
 from lora_ref import memory as mem
 from lora_ref.exercises import Exercise, register
 from lora_ref.peft_family import prefix_tuning_params, prompt_tuning_params
@@ -20,9 +22,10 @@ from lora_ref.quant import bits_per_parameter
 
 
 def _number(obj, case) -> dict[str, torch.Tensor]:
-    if isinstance(obj, bool) or not isinstance(obj, (int, float)) or not math.isfinite(obj):
+    value = as_real(obj)                  # np.float32 / a 0-d tensor from a computed answer count too
+    if value is None or not math.isfinite(value):
         raise AssertionError(f"the answer must be a finite number (int or float), got {obj!r}")
-    return {"value": torch.tensor(float(obj), dtype=torch.float64)}
+    return {"value": torch.tensor(value, dtype=torch.float64)}
 
 
 def _letter(obj, case) -> dict[str, torch.Tensor]:
