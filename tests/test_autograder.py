@@ -272,6 +272,9 @@ def test_sandbox_namespaces_are_locked_and_isolated(tmp_path):
         except OSError:
             print("READONLY")
         print("PID", os.getpid(), "PROCS", len([d for d in os.listdir("/proc") if d.isdigit()]))
+        status = open("/proc/self/status").read()
+        print("NNP", [l.split()[1] for l in status.splitlines() if l.startswith("NoNewPrivs")][0])
+        print("NPROC", [l.split()[2] for l in open("/proc/self/limits") if l.startswith("Max processes")][0])
         try:
             socket.create_connection(("127.0.0.1", 22), timeout=2)
             print("NET open")
@@ -280,7 +283,7 @@ def test_sandbox_namespaces_are_locked_and_isolated(tmp_path):
     """, hidden=[out])
     lines = proc.stdout
     assert '"isolation": "namespaces"' in lines, lines + proc.stderr
-    for needle in ("UMOUNT -1", "REMOUNT -1", "MOUNT_RW -1", "SECRET False", "READONLY", "PID 1 PROCS 1", "NET 101"):
+    for needle in ("UMOUNT -1", "REMOUNT -1", "MOUNT_RW -1", "SECRET False", "READONLY", "PID 1 PROCS 1", "NET 101", "NNP 1", "NPROC 4096"):
         assert needle in lines, (needle, lines, proc.stderr)
     assert not (tmp_path / "evil").exists()
 
