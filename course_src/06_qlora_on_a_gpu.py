@@ -44,16 +44,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-GRADING = bool(os.environ.get("NBGRADER_EXECUTION"))     # set while nbgrader grades: demos shrink
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from lora_ref.models import notebook_setup
+
+GRADING, DEVICE = notebook_setup()     # grading mode (nbgrader running: demos shrink), CUDA or CPU, CPU threads
 ON_GPU = DEVICE.type == "cuda"
 torch.manual_seed(0)
-print(f"torch {torch.__version__}, device {DEVICE}"
-      + (f" ({torch.cuda.get_device_name(0)})" if ON_GPU else f", CPU threads {torch.get_num_threads()}")
-      + f", grading mode {GRADING}")
-if hasattr(os, "getloadavg"):
-    print("machine load (1, 5, 15 min):", tuple(round(v, 1) for v in os.getloadavg()),
-          "(CPU timings below are noisy when it is high)")
 
 from lora_ref.results import results_dir
 
@@ -80,22 +75,9 @@ RESULTS = results_dir()                         # benchmarks/results: the commit
 from lora_ref import quant, qlora                        # noqa: E402
 
 
-def saved_for_backward(fn, exclude=()):
-    """Run fn() and return (result, bytes of distinct tensors autograd saved for backward).
-
-    Tensors whose storage is in ``exclude`` (parameters/buffers already resident) are not counted."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
+# saved_for_backward(fn, exclude) runs fn() under torch.autograd.graph.saved_tensors_hooks and adds up the
+# bytes of every distinct storage autograd keeps for backward (read it in lora_ref/measure.py: 15 lines)
+from lora_ref.measure import saved_for_backward          # noqa: E402
 
 
 w_mlp = torch.randn(1536, 576) * 0.02
@@ -367,50 +349,22 @@ print(f"evaluation time: {t_base:.1f} s dense, {t_nf4:.1f} s NF4 (every forward 
 # %%
 from lora_ref import memory as M                        # noqa: E402
 from lora_ref import optim as course_optim             # noqa: E402
-from lora_ref.lora import LoRAConfig, count_parameters, inject_lora   # noqa: E402
+from lora_ref.lora import LoRAConfig, count_parameters   # noqa: E402
+from lora_ref.measure import cuda_step_peak, step_bytes   # noqa: E402
+from lora_ref.methods import prepare_model             # noqa: E402
 
 
 def prepare(method, make_model, r):
-    """A fresh model set up for ``method`` ('full', 'lora' or 'qlora'), adapters on all 7 projections."""
+    """A fresh model for ``method`` ('full', 'lora' or 'qlora'; QLoRA = NF4 with double quantisation, then
+    LoRA), adapters on all 7 projections: ``lora_ref.methods.prepare_model``."""
     model = make_model()
-    cfg = LoRAConfig(r=r, alpha=2 * r, target_modules="all-linear")
-    if method == "lora":
-        inject_lora(model, cfg)
-    elif method == "qlora":
-        qlora.quantize_model(model, "nf4", double_quant=True, compute_dtype=next(model.parameters()).dtype)
-        qlora.inject_qlora(model, cfg)
-    elif method != "full":
-        raise ValueError(f"method must be full, lora or qlora, got {method!r}")
-    return model
-
-
-def byte_count(model, opt, batch):
-    """CPU accounting of one training step: resident tensors, gradients, optimizer state, saved activations."""
-    resident = list(model.parameters()) + list(model.buffers())
-    weights = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in resident}.values())
-    out, saved = saved_for_backward(lambda: model(**batch).loss, exclude=resident)
-    out.backward()
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return {"weights": weights, "gradients": grads, "optimizer": course_optim.optimizer_state_nbytes(opt),
-            "activations": saved}
-
-
-def gpu_peak(model, opt, batch):
-    """Peak bytes allocated during one steady-state step (weights and optimizer state included)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(**batch).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
+    cfg = None if method == "full" else LoRAConfig(r=r, alpha=2 * r, target_modules="all-linear")
+    return prepare_model(model, method, cfg, compute_dtype=next(model.parameters()).dtype)
 
 
 def run_method(method, make_model, tokenizer, steps, batch_size, r, lr):
+    """Train ``method`` for ``steps``, then measure one more step: CUDA peak, or bytes by storage on a CPU
+    (``lora_ref.measure.step_bytes``: weights, gradients, optimizer state, saved activations)."""
     model = prepare(method, make_model, r)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr / 10 if method == "full" else lr)
@@ -420,7 +374,7 @@ def run_method(method, make_model, tokenizer, steps, batch_size, r, lr):
     row = {"method": method, "params": count_parameters(model), "losses": res.losses,
            "s_per_step": res.seconds / steps, "seq": batch["input_ids"].shape[1],
            "eval_loss": training.evaluate_loss(model, tokenizer, splits.heldout[:n_eval], batch_size=4)}
-    row["memory"] = ({"peak": gpu_peak(model, opt, batch)} if ON_GPU else byte_count(model, opt, batch))
+    row["memory"] = ({"peak": cuda_step_peak(model, opt, batch)} if ON_GPU else step_bytes(model, opt, batch))
     return model, row
 
 

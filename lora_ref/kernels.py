@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lora_ref._checks import as_int
 from lora_ref.lora import lora_scaling, set_submodule
 
 try:  # Triton ships with CUDA builds of torch; the CPU machines of the course have none.
@@ -512,8 +513,9 @@ class FastQLoRALinear(nn.Module):
         if len(lay.shape) != 2:
             raise ValueError(f"a linear weight is 2-D, got shape {lay.shape}")
         out_f, in_f = lay.shape
-        if not isinstance(r, int) or not 1 <= r <= min(in_f, out_f):
+        if as_int(r) is None or not 1 <= r <= min(in_f, out_f):
             raise ValueError(f"rank r={r!r} must be an integer in [1, {min(in_f, out_f)}]")
+        r = as_int(r)
         self.in_features, self.out_features, self.r = in_f, out_f, r
         self.scaling = lora_scaling(alpha, r, use_rslora)
         self.use_rslora = bool(use_rslora)

@@ -139,3 +139,11 @@ def test_peft_family_and_exercise_answers_accept_numpy(tiny):
     assert float(_number(np.float32(2.5), None)["value"]) == 2.5
     with pytest.raises(AssertionError, match="finite number"):
         _number("2.5", None)
+
+
+def test_fast_qlora_layer_accepts_a_numpy_rank():
+    from lora_ref import quant
+    from lora_ref.kernels import FastQLoRALinear
+    packed, state = quant.quantize_4bit(torch.randn(32, 64), blocksize=64)
+    layer = FastQLoRALinear(packed, state, r=np.int64(4), alpha=np.float32(8))
+    assert type(layer.r) is int and layer.scaling == 2.0
