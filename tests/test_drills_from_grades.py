@@ -108,3 +108,17 @@ def test_end_to_end_validate_a_broken_merge_then_drill(tmp_path):
                     out=io.StringIO()) == 0
     with Progress(tmp_path / "p.sqlite") as p:
         assert MERGE_CARDS <= {c.card for c in p.due()}
+
+
+def test_widget_offers_the_same(tmp_path):
+    from lora_ref.drills.widgets import drill_widget
+    path = tmp_path / "ada.json"
+    path.write_text(_failed_merge_result().to_json())
+    wdg = drill_widget(db=str(tmp_path / "p.sqlite"), seed=0)
+    wdg.grades_path.value = str(path)
+    wdg.from_grades.click()
+    assert "02.lora_merge" in wdg.grades_note.value and "cards are due now" in wdg.grades_note.value
+    assert wdg.item.topic in topics_of("02.lora_merge")
+    assert MERGE_CARDS <= {c.card for c in wdg.drill.progress.due()}
+    wdg.on_grades(str(tmp_path / "missing.json"))
+    assert "Could not read" in wdg.grades_note.value

@@ -72,8 +72,16 @@ class DrillWidget(w.VBox):
         self.skip.on_click(lambda _b: self.ask())
         self.next.on_click(lambda _b: self.on_next())
         self.show_stats.on_click(lambda _b: self.on_stats())
+        # grades -> drills: a graded report (autograder result JSON or validate --json) makes the cards of
+        # the failed exercises' topics due now (lora_ref.drills.from_grades; `lora-drill from-grades`)
+        self.grades_path = w.Text(placeholder="results/<assignment>/<you>.json or validate --json output",
+                                  description="My grades:", layout=w.Layout(width="60%"))
+        self.from_grades = w.Button(description="Drill what I failed")
+        self.grades_note = w.HTML()
+        self.from_grades.on_click(lambda _b: self.on_grades())
         super().__init__([self.header, self.question, self.input, w.HBox([self.check, self.skip, self.show_stats]),
-                          self.feedback, self.rate_box, self.stats])
+                          self.feedback, self.rate_box, self.stats,
+                          w.HBox([self.grades_path, self.from_grades]), self.grades_note])
         self.ask()
 
     def ask(self, item: Item | None = None) -> None:
@@ -152,6 +160,23 @@ class DrillWidget(w.VBox):
 
     def on_stats(self) -> None:
         self.stats.value = stats_html(self.drill.stats())
+
+    def on_grades(self, path: str | None = None) -> None:
+        """Schedule the failed exercises' topics from the report at ``path`` (default: the text box), then
+        ask the first of those cards."""
+        from .from_grades import schedule_from_file
+        path = (path or self.grades_path.value).strip()
+        try:
+            done = schedule_from_file(self.drill.progress, path)
+        except (OSError, ValueError, KeyError) as err:
+            self.grades_note.value = _pre(f"Could not read the grades: {err}")
+            return
+        if not done.failed:
+            self.grades_note.value = _pre(f"{path}: no failed exercise, nothing to schedule.")
+            return
+        self.grades_note.value = _pre(f"Failed: {', '.join(done.failed)}.\nTopics {', '.join(done.topics)}: "
+                                      f"{len(done.cards)} cards are due now; the next question is one of them.")
+        self.ask()
 
 
 def drill_widget(topic: str | None = None, db=None, *, seed: int | None = None, kinds=None,
