@@ -37,13 +37,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-GRADING = bool(os.environ.get("NBGRADER_EXECUTION"))   # set by nbgrader while it grades: keep demos short
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from lora_ref.models import notebook_setup
+
+GRADING, DEVICE = notebook_setup()     # grading mode (nbgrader running: demos shrink), CUDA or CPU, CPU threads
 torch.manual_seed(0)
-print(f"torch {torch.__version__}, device {DEVICE}, CPU threads {torch.get_num_threads()}, "
-      f"grading mode {GRADING}")
-if hasattr(os, "getloadavg"):
-    print("machine load (1, 5, 15 min):", os.getloadavg(), "(timings below are noisy when it is high)")
 
 # %% [markdown]
 # ## 1. Quantisation is a codebook plus a scale
