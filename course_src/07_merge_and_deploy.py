@@ -2,8 +2,8 @@
 # # 07 · Merge and deploy: one model, many adapters, no added latency
 #
 # You have trained adapters (notebooks 03, 04, 06). Now they have to serve users. The LoRA paper
-# (Hu et al., 2021, [arXiv 2106.09685](https://arxiv.org/abs/2106.09685), Section 4.2) promises
-# *no additional inference latency*: merge $W' = W + sBA$ once and the model is an ordinary model again.
+# (Hu et al., 2021, [arXiv 2106.09685](https://arxiv.org/abs/2106.09685), Section 4.1, "No Additional
+# Inference Latency") promises it: merge $W' = W + sBA$ once and the model is an ordinary model again.
 # Practice is messier: PEFT's issue tracker is full of "how do I merge a QLoRA adapter?" (peft#1080,
 # peft#2105), "quality dropped after merging" (peft#2368, peft#1836) and "merging in bf16 changes the
 # outputs" (peft#1388). This notebook answers each with a measurement.
@@ -51,8 +51,19 @@ GRADING, DEVICE = notebook_setup()     # grading mode (nbgrader running: demos s
 # After merging, the layer is a plain `nn.Linear` of the original shape: same FLOPs, same kernels, same
 # file format as the base model. Three details decide whether it is *correct*:
 #
-# * **Compute $sBA$ and the sum in fp32**, then round **once** to the weight's dtype. In bf16 (8 bits of
-#   mantissa) every product and every sum rounds; PEFT casts to fp32 for exactly this reason.
+# * **Compute $sBA$ and the sum in fp32**, then round **once** to the weight's dtype. In bf16 (8 significant
+#   bits: 7 stored plus the implicit leading 1) every product and every sum rounds. What PEFT does
+#   (`Linear.get_delta_weight` and `Linear.merge` in src/peft/tuners/lora/layer.py, peft 0.21): it computes
+#   $sBA$ **in the adapter's dtype**, except on the CPU, where fp16/bf16 $A$ and $B$ are cast to fp32 for the
+#   product and the result cast back ("because some CPUs have slow bf16/fp16 matmuls": a speed reason,
+#   not a precision one); `merge` then adds it to the weight in place (`W += delta`, computed in fp32 when
+#   the delta is fp32), while `safe_merge=True` first casts the delta to the weight's dtype and so rounds
+#   twice. PEFT keeps adapters in fp32 by default (`get_peft_model(..., autocast_adapter_dtype=True)`), so
+#   a default merge rounds once; an adapter that was cast to bf16 (`model.to(torch.bfloat16)` after
+#   `get_peft_model`) is multiplied in bf16 on a GPU and rounded twice (peft#1388). `lora_ref.lora`'s
+#   merge (and your `merged_weight`) computes the product and the sum in fp32 whatever the device and the
+#   adapter's dtype, and rounds once: a merge runs once per deployment, so its cost does not matter and
+#   its rounding does.
 # * **Check for NaN/Inf** before writing the weight (PEFT's `safe_merge=True`): a diverged adapter must
 #   not silently destroy the base model.
 # * **Shapes**: $A$ is `(r, in)`, $B$ is `(out, r)` (the `nn.Linear`/PEFT convention). The seed article
@@ -143,7 +154,8 @@ print(f"max |W after merge+unmerge - W|             = {drift:.2e}   (fp32 roundi
 
 # %% [markdown]
 # The merged model reproduces the adapter to fp32 rounding, and merge + unmerge returns $W$ up to one
-# rounding step of the sum. (In bf16 that step is 256 times larger: see section 3.)
+# rounding step of the sum. (In bf16 that step is $2^{24-8} = 2^{16} = 65{,}536$ times larger: fp32 keeps 24
+# significant bits, bf16 8; see section 3.)
 #
 # ## 2. "No added latency" — measured
 #
@@ -273,7 +285,8 @@ for rho, r in zip(rhos, rows):
 # (The bf16 column can pass 100% for tiny updates: the dequantised NF4 weights are not bf16 numbers, so
 # rounding them to bf16 adds its own error on top of losing part of the update. Export in fp32 then.)
 #
-# NF4 changes each weight by about 9% of its size (notebook 05), which is *larger than the whole update*
+# NF4's rounding error is about {{result:quality_quant_cpu.json:smollm2.weight_error.nf4.all:.0%}} of a weight
+# matrix's norm (notebook 05, `benchmarks/results/quality_quant_cpu.json`), which is *larger than the whole update*
 # for any realistic $\rho$: merging into the original weights or re-quantising after the merge destroys
 # most of what the adapter learned (errors well above 100% of the update for small $\rho$). That is
 # the "quality dropped after merging" of peft#2368 and the reason QLoRA authors recommend dequantising
@@ -329,14 +342,17 @@ if quality is not None:
 
 # %% [markdown]
 # The ranking of the tiny model holds on the real task: the dequantise-merge-export recipe keeps the
-# adapter (one question of 82 apart), merging into the original weights loses about a fifth of what was
-# learned, and re-quantising to NF4 after the merge gives back the base model's accuracy: the adapter is
-# erased. Note that the weight errors rank the last two the other way: merging into the original weights
-# moves them by ~6x the update's norm, but that movement is the NF4 rounding being undone, back to weights
-# the model was pretrained with, not noise.
+# adapter ({{result:quality_qlora_h200.json:deploy.merged16.fact_accuracy:.1%}} against the adapter's
+# {{result:quality_qlora_h200.json:deploy.adapter.fact_accuracy:.1%}}), merging into the original weights drops it to
+# {{result:quality_qlora_h200.json:deploy.orig+adapter.fact_accuracy:.1%}}, and re-quantising to NF4 after the
+# merge gives back the base model's accuracy ({{result:quality_qlora_h200.json:deploy.requant.fact_accuracy:.1%}}):
+# the adapter is erased. Note that the weight errors rank the last two the other way: merging into the
+# original weights moves them by {{result:quality_qlora_h200.json:merge_weight_error.merged_into_original:.1f}}x the
+# update's norm, but that movement is the NF4 rounding being undone, back to weights the model was
+# pretrained with, not noise.
 #
 # **Why re-quantising erases it.** The trained update is small next to NF4's rounding: from the committed
-# ratio above, $\|\Delta W\| \approx \|W - \hat W\| / 6$. Take one real SmolLM2 projection, quantise it, add a
+# ratio above, $\|\Delta W\| \approx \|W - \hat W\| / {{result:quality_qlora_h200.json:merge_weight_error.merged_into_original:.1f}}$. Take one real SmolLM2 projection, quantise it, add a
 # random rank-16 update of that relative size, re-quantise, and count the 4-bit codes that changed:
 # %%
 from lora_ref import quant
@@ -579,7 +595,8 @@ for ex in data.load_dataset().heldout[:1 if GRADING else 3]:       # questions i
 # *"How would you merge and deploy a LoRA fine-tuned model?"* (the article's Q4). The article answers
 # "merge for one task, separate adapters for many". Answer with the numbers you measured above.
 # %% [markdown] manual id=q_deploy points=2
-# A strong answer: merge $W' = W + sBA$ in fp32 and round once (PEFT's `merge_and_unload`), giving an
+# A strong answer: merge $W' = W + sBA$ in fp32 and round once (PEFT's `merge_and_unload` computes $sBA$ in
+# the adapter's dtype on a GPU: load the adapter in fp32, or merge with `lora_ref`), giving an
 # ordinary checkpoint with no added latency (section 2: the merged model timed like the base, the
 # unmerged adapter slower); keep the export dtype in mind (bf16 rounding loses part of small updates,
 # section 3). For a QLoRA adapter, dequantise the NF4 base, merge in fp32 and export 16-bit; never merge
@@ -592,7 +609,8 @@ for ex in data.load_dataset().heldout[:1 if GRADING else 3]:       # questions i
 # %% [markdown] manual id=q_qlora_merge points=2
 # The adapter was trained against the dequantised NF4 weights $\hat W$, not the original $W$. Merging into
 # $W$ (loading the base in 16-bit and calling `merge_and_unload`) or re-quantising the merged weight
-# adds an error of about the NF4 step (~9% of each weight) — larger than the update itself. Fix:
+# adds an error of about the NF4 rounding (~{{result:quality_quant_cpu.json:smollm2.weight_error.nf4.all:.0%}} of a
+# weight matrix's norm) — larger than the update itself. Fix:
 # load the base in 4 bits exactly as in training, dequantise it, add $sBA$ in fp32, save the 16-bit
 # result (or serve the adapter unmerged on the 4-bit base); then check the merged outputs against the
 # unmerged QLoRA model on a few prompts before shipping.

@@ -276,10 +276,35 @@ fig.suptitle(f"Same data, same steps, same seed: {scale}"); plt.tight_layout(); 
 #   proxy (section 5);
 # * **gap** = held-out loss − training loss: the methods with the most capacity over-fit first on 410
 #   examples;
-# * **trainable parameters, memory, adapter size**: the cost side. QLoRA's weights take ~4× fewer bytes
-#   than LoRA's at the same adapter; full fine-tuning ships a whole model per task;
+# * **trainable parameters, memory, adapter size**: the cost side. QLoRA stores its linear layers in about a
+#   quarter of their 16-bit bytes (4.127 of 16 bits per weight), but the embeddings, the head and the norms
+#   stay 16-bit, so the whole base shrinks less (computed below for SmolLM2 and Llama-2-7B); full
+#   fine-tuning ships a whole model per task;
 # * **time**: on a CPU, per-step overheads dominate; on a GPU QLoRA is *slower* than LoRA (dequantising
-#   in every forward and backward; bitsandbytes#465 and the ANCHORS table: 0.363 s vs 0.254 s per step).
+#   in every forward and backward; bitsandbytes#465). This project's H200 run of the usual recipe
+#   (transformers + bitsandbytes + PEFT, Llama-2-7B shape, batch 4 x 512) measured QLoRA at
+#   {{result:qlora_step_llama-2-7b_h200.json:results.recipe_no_ckpt.tokens_per_s/results.bf16_lora_no_ckpt.tokens_per_s:.2f}}x
+#   the tokens/s of bf16 LoRA without gradient checkpointing and
+#   {{result:qlora_step_llama-2-7b_h200.json:results.recipe.tokens_per_s/results.bf16_lora.tokens_per_s:.2f}}x with it
+#   (`benchmarks/results/qlora_step_llama-2-7b_h200.json`).
+# %%
+from lora_ref import memory as M
+
+for name in ("smollm2-135m", "llama-2-7b"):
+    pb = M.param_breakdown(name)
+    shapes = M.linear_shapes(name)
+    n_layers = M.get_shape(name).n_layers
+    nf4_linear = n_layers * sum(M.quantized_linear_bytes(o * i) for o, i in shapes.values())
+    rest = pb.total - pb.linear                         # embeddings, head (if untied), norms: left in 16 bits
+    print(f"{name}: linear layers {nf4_linear / (2 * pb.linear):.1%} of their bf16 bytes; whole base "
+          f"{(nf4_linear + 2 * rest) / (2 * pb.total):.1%} of the bf16 model ({(nf4_linear + 2 * rest) / 1e9:.2f} "
+          f"vs {2 * pb.total / 1e9:.2f} GB; {rest / pb.total:.0%} of the parameters are not in linear layers)")
+
+# %% [markdown]
+# SmolLM2 ties a 49,152-token embedding to its head: a fifth of its parameters never shrink, which is why
+# its QLoRA base is far from a quarter (the committed H200 run measured the resident weights of the QLoRA
+# run at {{result:memory_vs_measured_h200.json:rows.2.measured_weights_gb/rows.1.measured_weights_gb:.0%}} of the LoRA
+# run's, adapters included: `benchmarks/results/memory_vs_measured_h200.json`).
 #
 # ### The same experiment on SmolLM2 (run on an H200, committed)
 #
@@ -304,13 +329,17 @@ if gpu_run is not None:
 
 # %% [markdown]
 # On a pretrained model the ordering is clear: the soft-prompt methods (prompt, P-tuning, prefix) end with
-# held-out losses of 1.0 to 2.3 and teach almost no facts in 150 steps; LoRA on q,v gets about a third of the questions,
-# LoRA on all linear layers and QLoRA over half, level with full fine-tuning, which trains 55x more
-# parameters and ships a whole model. Two things the table does *not* show: QLoRA's peak memory is not
+# held-out losses of {{result:peft_methods_smollm2_h200.json:methods.2.eval_loss:.1f}} to {{result:peft_methods_smollm2_h200.json:methods.1.eval_loss:.1f}} and teach
+# almost no facts in 150 steps (at most {{result:peft_methods_smollm2_h200.json:methods.2.fact_accuracy:.0%}}); LoRA on q,v gets
+# {{result:peft_methods_smollm2_h200.json:methods.3.fact_accuracy:.0%}} of the questions, LoRA on all linear layers
+# {{result:peft_methods_smollm2_h200.json:methods.4.fact_accuracy:.0%}} and QLoRA {{result:peft_methods_smollm2_h200.json:methods.5.fact_accuracy:.0%}}, level with full
+# fine-tuning ({{result:peft_methods_smollm2_h200.json:methods.6.fact_accuracy:.0%}}), which trains
+# {{result:peft_methods_smollm2_h200.json:methods.6.trainable/methods.4.trainable:.0f}}x more parameters and ships a whole model. Two things the table does *not* show: QLoRA's peak memory is not
 # lower here (at 135M parameters the weights are a small part of the peak, and every run keeps the fp32
 # base on the GPU for the next method's copy); notebook 06 measures memory at the 7B shape, where the weights
 # dominate. And one seed: `benchmarks/results/quality_qlora_h200.md` repeats LoRA against QLoRA over 5 seeds
-# (59.0% vs 59.3%).
+# ({{result:quality_qlora_h200.json:per_seed.lora.*.fact_accuracy.@mean:.1%}} vs
+# {{result:quality_qlora_h200.json:per_seed.qlora.*.fact_accuracy.@mean:.1%}}).
 #
 # ## 4. When is full fine-tuning the right call?
 #
@@ -341,8 +370,10 @@ print(f"in the experiment above: full FT eval loss {full.eval_loss:.3f} vs best 
 # %% [markdown]
 # Choose full fine-tuning when: the needed change is large and high-rank (new domain, new language,
 # continued pre-training), you have lots of data (hundreds of millions of tokens), you serve one task and
-# can afford the memory (weights + gradients + AdamW ≈ 16 bytes/parameter in mixed precision: 112 GB for
-# 7B, the article's "84 GB" leaves out the fp32 master copy), and quality is worth that cost. Choose LoRA/
+# can afford the memory (weights + gradients + AdamW ≈ 16 bytes/parameter in mixed precision: about 108 GB
+# for Llama-2-7B's 6.74B parameters before activations; the article's "84 GB" is 12 bytes x 7B: 16-bit
+# weights and gradients and two fp32 Adam moments, without the fp32 master copy, as notebook 00 counts), and
+# quality is worth that cost. Choose LoRA/
 # QLoRA when the base already can do the task and you adapt its behaviour, data is small (less
 # over-fitting), you need many tasks per base, or the memory is not there.
 #
@@ -351,8 +382,9 @@ print(f"in the experiment above: full FT eval loss {full.eval_loss:.3f} vs best 
 # The seed article's trainer evaluates with
 # `total_score += torch.exp(outputs.loss).item()` per batch and returns the mean, calling it an "eval
 # score". Three problems: (1) it averages per-*batch* perplexities, so the number changes with the batch
-# size and with how many tokens each batch holds (and by Jensen's inequality it is always $\ge$ the true
-# perplexity); (2) its labels are the whole input, so it scores how well the model predicts the system
+# size and with how many tokens each batch holds (by Jensen's inequality it is $\ge$ the true perplexity
+# when every batch holds the same number of tokens, but with unequal batches it can fall on either side:
+# both cases are computed below); (2) its labels are the whole input, so it scores how well the model predicts the system
 # prompt and the question; (3) perplexity measures the likelihood of the reference wording, not whether
 # the answer is right. The fix for (1):
 #
@@ -392,6 +424,23 @@ for _bad in [([1.0], [1, 2]), ([], []), ([1.0], [0]), ([1.0, 1.0], [-1, 3])]:
 from lora_ref.exercises import check
 check("08.token_weighted_perplexity", token_weighted_perplexity)
 ### END HIDDEN TESTS
+
+# %% [markdown]
+# **When is the article's figure too high?** Jensen's inequality (exp is convex) says
+# $\frac1B\sum_b e^{\ell_b} \ge e^{\frac1B\sum_b \ell_b}$. The right-hand side is the true perplexity only
+# when every batch carries the same number of tokens, because only then is the plain mean of the batch
+# losses the token-weighted mean. Both cases, computed (with `lora_ref`'s `token_weighted_perplexity`, the
+# reference of your exercise):
+# %%
+from lora_ref.peft_family import token_weighted_perplexity as ref_ppl
+
+cases = {"equal batches: 100 tokens at loss 1.0, 100 at 3.0": ([1.0, 3.0], [100, 100]),
+         "unequal: 1,000 tokens at loss 3.0, 1 token at 0.0": ([3.0, 0.0], [1000, 1])}
+for name, (batch_losses, batch_tokens) in cases.items():
+    article = sum(math.exp(l) for l in batch_losses) / len(batch_losses)
+    true = ref_ppl(batch_losses, batch_tokens)
+    print(f"{name}: mean of per-batch exp {article:6.2f} | true perplexity {true:6.2f} | "
+          f"{'too high' if article > true else 'too LOW'}")
 
 # %% [markdown]
 # **Measured: the article's score depends on the batch size; ours does not.** Per-batch answer-token

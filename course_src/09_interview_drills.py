@@ -312,7 +312,8 @@ check("09.mc_perplexity", mc_perplexity)
 # %%
 show("bug.eval-score")
 # %% [markdown] manual id=fq_bug_eval points=1
-# It averages exp(loss) per batch (batch-size dependent, ≥ the true perplexity, not token-weighted), its
+# It averages exp(loss) per batch (batch-size dependent, not token-weighted; ≥ the true perplexity only when
+# every batch holds the same number of tokens, by Jensen's inequality, and on either side otherwise), its
 # labels are the whole input (it scores the prompt too), and it calls a perplexity an "eval score"
 # though it says nothing about whether the answers are right.
 # %%

@@ -360,8 +360,12 @@ def token_weighted_perplexity(batch_losses: list[float], batch_tokens: list[int]
     """exp( sum_b loss_b n_b / sum_b n_b ): the perplexity of the whole evaluation set.
 
     ``batch_losses``: mean token loss of each batch; ``batch_tokens``: tokens that carried loss in it.
-    The seed article returns mean_b exp(loss_b) instead, which (Jensen) is >= this, depends on how the data
-    is batched, and is a perplexity, not a task score: lower is better and it says nothing about whether
+    The seed article returns mean_b exp(loss_b) instead. By Jensen's inequality (exp is convex)
+    mean_b exp(loss_b) >= exp(mean_b loss_b), and exp(mean_b loss_b) is this perplexity only when every
+    batch holds the same number of loss tokens: then the article's figure is always >= the true one. With
+    unequal batches it can fall on either side: 1,000 tokens at loss 3.0 and 1 token at loss 0.0 give
+    (e^3 + e^0) / 2 = 10.5 against the true exp(3000 / 1001) = 20.0. Either way it depends on how the data
+    is batched, and it is a perplexity, not a task score: lower is better and it says nothing about whether
     the answers are right (that is what fact accuracy measures).
     """
     if len(batch_losses) != len(batch_tokens) or not batch_losses:

@@ -33,8 +33,11 @@ EVALUATION = [
             "reading it the wrong way round. It measures how well the model predicts text, not whether it does "
             "the task: a model can have low perplexity and still give wrong answers, and perplexity is not "
             "comparable across tokenizers. Averaging exp(loss) per batch is also not the corpus perplexity: "
-            "the right one is exp(total loss / total tokens), weighting each batch by its tokens (the mean of "
-            "exponentials is larger, by Jensen's inequality). And its loss includes the prompt (and padding), "
+            "the right one is exp(total loss / total tokens), weighting each batch by its tokens. When every batch "
+            "holds the same number of tokens the mean of exponentials is at least the true perplexity (Jensen's "
+            "inequality: exp is convex); with unequal batches it can fall on either side (1,000 tokens at loss "
+            "3.0 and 1 token at loss 0.0: (e^3 + e^0)/2 = 10.5 against the true exp(3000/1001) = 20.0). "
+            "And its loss includes the prompt (and padding), "
             "not just the answer. Report held-out answer-token loss or perplexity as a diagnostic and a task "
             "metric (e.g. fact accuracy) as the score."
         ),
@@ -42,11 +45,13 @@ EVALUATION = [
             kp("it is perplexity; lower is better", "lower is better", "perplexity lower"),
             kp("not a task metric", "task metric", "whether it does the task"),
             kp("mean of per-batch exp is not corpus perplexity (token-weighted)", "token weighted", "total tokens", "jensen"),
+            kp("Jensen's >= holds only for equal tokens per batch", "equal", "same number"),
             kp("loss includes prompt/padding tokens", "includes the prompt", "prompt and padding", "prompt tokens"),
         ),
         corrects_article=True,
         source="The article's CustomerServiceLoRATrainer._evaluate; perplexity definition exp(sum NLL / N tokens)",
-        follow_ups=("Compute corpus perplexity from per-batch losses and token counts.",),
+        follow_ups=("Compute corpus perplexity from per-batch losses and token counts.",
+                    "When is the mean of per-batch perplexities guaranteed to be at least the true perplexity?"),
     ),
     Item(
         id="eval.perplexity-mc", topic="evaluation", kind="choice", difficulty=1,
@@ -59,7 +64,9 @@ EVALUATION = [
         answer=(
             "Perplexity is exp of the token-weighted mean negative log-likelihood: (100 + 30)/110 = 1.182, "
             "exp(1.182) = 3.26. Averaging per-batch perplexities (the article's method) gives 11.40, inflated by "
-            "the small high-loss batch."
+            "the small high-loss batch. It is not always too high: with unequal batches it can also be too low "
+            "(1,000 tokens at loss 3.0 and 1 token at 0.0: 10.5 against a true 20.0); only with equal tokens per "
+            "batch does Jensen's inequality guarantee mean exp >= exp mean."
         ),
         key_points=(kp("token-weighted mean NLL", "token"), kp("then exp", "exp")),
         corrects_article=True,
