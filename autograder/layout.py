@@ -5,6 +5,7 @@
     <out>/scratch/<A>/<student>/          a worker's folder (no sandbox sees it)
         job.json                          the Job (contracts.Job)
         worker.log                        the worker's stdout and stderr
+        autograde.log                     nbgrader's log of the last autograde attempt
         kernel/                           the notebook kernel's sandbox: the only folder it can write or read
             work/                         its working folder (nbgrader's autograded copy is NOT here)
             home/ tmp/ ipython/ mpl/ cache/ runtime/   HOME, TMPDIR, ...; runtime/ holds the connection file
@@ -37,6 +38,10 @@ def job_file(scratch: Path) -> Path:
 
 def worker_log(scratch: Path) -> Path:
     return Path(scratch) / "worker.log"
+
+
+def autograde_log(scratch: Path) -> Path:
+    return Path(scratch) / "autograde.log"
 
 
 def kernel_dir(scratch: Path) -> Path:

@@ -173,6 +173,7 @@ def stage_autograde(job: Job, result: Result, cfg) -> bool:
         app.force, app.create_student = True, True
         out = capture_log(app)
         log = out.get("log", "") + out.get("error", "")
+        layout.autograde_log(Path(job.scratch)).write_text(log)
         kill_children()
         if out.get("success"):
             return True
