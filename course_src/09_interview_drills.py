@@ -165,7 +165,9 @@ show("qlora.three")
 # (2) double quantisation of the absmax constants (8-bit, blocks of 256): 0.5 → 0.127 bits per parameter;
 # (3) paged optimizers (unified memory) to survive memory spikes. Compute in bf16 on the dequantised
 # weight; LoRA adapters on all linear layers in 16/32-bit carry the learning; the paper matches 16-bit
-# fine-tuning quality. The article's "dual-weight scheme" is not one of them.
+# fine-tuning quality. The article's "dual-weight scheme" is not a term of the paper and the article does not
+# define it: it may mean NF4 storage with bf16 computation (Section 3: no second copy of the weights), the
+# 4-bit base beside 16-bit adapters, or a garbled "double quantisation"; only the last is one of the three.
 # %%
 compare("qlora.three")
 # %%

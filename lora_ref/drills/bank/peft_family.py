@@ -123,8 +123,8 @@ ITEMS = [
         answer=(
             "Mixed-precision Adam keeps bf16/fp16 weights (2 bytes), bf16/fp16 gradients (2), an fp32 master copy "
             "(4) and two fp32 moments (4 + 4): 16 bytes per parameter, 6.74B x 16 = about 108 GB for Llama-2-7B, "
-            "before activations. The article's 84 GB is 12 bytes per parameter (no fp32 master weights, e.g. "
-            "pure bf16 training); its analyze_lora_complexity even uses 4 x 2 = 8 bytes (fp16 'Adam states'), "
+            "before activations. The article's 84 GB is 12 bytes x 7B parameters: 16-bit weights (2) and "
+            "gradients (2) and two fp32 moments (8), without the fp32 master copy; its analyze_lora_complexity even uses 4 x 2 = 8 bytes (fp16 'Adam states'), "
             "which halves the real figure. Activations add more with batch and sequence length, so full "
             "fine-tuning of 7B needs several 80 GB GPUs (or ZeRO/FSDP sharding and offload)."
         ),

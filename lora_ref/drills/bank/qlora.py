@@ -13,16 +13,19 @@ ITEMS = [
             "them to 8/64 + 32/(64*256) = 0.127 bits per parameter (about 3 GB saved on a 65B model). "
             "(3) Paged optimizers: optimizer states live in NVIDIA unified memory and are paged to CPU RAM "
             "when the GPU runs out, so gradient-checkpointing memory spikes on long sequences do not crash "
-            "training. The article's checklist lists a 'dual-weight scheme' instead of double quantisation: "
-            "that is wrong. QLoRA does keep a 4-bit storage type and a bf16 compute type, but that is how "
-            "any 4-bit linear works, not one of the paper's three contributions, and no second copy of the "
-            "weights is kept."
+            "training. The article's review checklist names a 'dual-weight scheme' in double quantisation's "
+            "place and never says what it means. Plausible readings: QLoRA's one storage data type (NF4) and one "
+            "computation data type (bf16), Section 3, where each weight is dequantised on the fly and no second "
+            "copy is kept; the frozen 4-bit base beside the 16-bit LoRA weights; or a garbled 'double "
+            "quantisation'. The first two describe how any 4-bit LoRA layer works, not a contribution of the "
+            "paper; the third names the right idea wrongly. Answer with the paper's three."
         ),
         key_points=(
             kp("NF4: 4-bit NormalFloat from normal quantiles", "nf4"),
             kp("double quantisation of the quantisation constants", "doublequant", "quantiz constant"),
             kp("paged optimizers via unified memory", "paged", "pag"),
-            kp("'dual-weight scheme' is not one of them", "dual weight", "dual"),
+            kp("'dual-weight scheme' is not the paper's term (storage vs compute dtype? double quantisation?)",
+               "dual weight", "dual", "storage"),
         ),
         corrects_article=True,
         source="QLoRA paper Section 3 (4-bit NormalFloat, Double Quantization, Paged Optimizers)",
@@ -33,12 +36,14 @@ ITEMS = [
         id="qlora.not-innovation", topic="qlora", kind="choice", difficulty=1,
         prompt="Which of these is NOT one of QLoRA's three innovations?",
         choices=("4-bit NormalFloat (NF4)", "Double quantisation of the quantisation constants",
-                 "Paged optimizers", "A dual-weight scheme keeping fp16 and 4-bit copies of each weight"),
+                 "Paged optimizers", "Keeping an fp16 and a 4-bit copy of each weight"),
         correct=3,
         answer=(
             "The three are NF4, double quantisation and paged optimizers (Section 3). QLoRA keeps only the "
             "4-bit weight plus its constants and dequantises block by block to bf16 for each matmul; keeping a "
-            "16-bit copy would defeat the point. The seed article's 'dual-weight scheme' is a mistake."
+            "16-bit copy would defeat the point. (The seed article's checklist lists a 'dual-weight scheme' "
+            "without defining it: read as two copies of each weight it would be wrong; read as NF4 storage with "
+            "bf16 computation it is how every 4-bit layer works, not one of the three.)"
         ),
         key_points=(kp("NF4, double quantisation, paged optimizers", "nf4"), kp("no 16-bit copy kept", "copy")),
         corrects_article=True,
