@@ -248,37 +248,40 @@ def forge(nb, assignment: str, **_) -> None:
 
 CLASSMATE = '''
 def _classmates():
+    """Yield answer cells of other submissions found near our folders (walking up five levels)."""
     import glob, json, os
     me = os.environ.get("AUTOGRADER_SCRATCH", "")
-    seen, found = set(), []
+    seen = set()
     for start in [os.getcwd(), me, os.environ.get("HOME", "")]:
         p = os.path.abspath(start or "/")
-        for _ in range(8):
-            for path in glob.glob(os.path.join(p, "**", "job.json"), recursive=True)[:200]:
-                if path in seen or (me and path.startswith(os.path.dirname(me))):
+        for _ in range(5):
+            p = os.path.dirname(p)
+            if p == "/":
+                break
+            for path in glob.glob(os.path.join(p, "*", "*", "job.json")) + glob.glob(os.path.join(p, "*", "*", "*", "job.json")):
+                if path in seen or "cheatclassmate" in path:
                     continue
                 seen.add(path)
                 try:
-                    job = json.load(open(path))
-                    found += [c["source"] for c in job.get("answer_cells", [])]
+                    for c in json.load(open(path)).get("answer_cells", []):
+                        yield c["source"]
                 except Exception:
                     pass
             for path in glob.glob(os.path.join(p, "**", "*.ipynb"), recursive=True)[:200]:
-                if path in seen or "cheat_classmate" in path or "classmate" in path:
+                if path in seen or "classmate" in os.path.basename(path):
                     continue
                 seen.add(path)
                 try:
                     nb = json.load(open(path))
-                    found += ["".join(c["source"]) for c in nb["cells"]
-                              if c.get("metadata", {}).get("nbgrader", {}).get("solution")
-                              and not c["metadata"]["nbgrader"].get("grade")]
+                    for c in nb["cells"]:
+                        meta = c.get("metadata", {}).get("nbgrader", {})
+                        if meta.get("solution") and not meta.get("grade"):
+                            yield "".join(c["source"])
                 except Exception:
                     pass
-            p = os.path.dirname(p)
-    return found
 
 for _src in _classmates():
-    if "NotImplementedError" in _src or "_classmates" in _src:
+    if "NotImplementedError" in _src or "_classmates" in _src or "_steal" in _src:
         continue
     try:
         exec(_src, globals())
