@@ -201,7 +201,10 @@ check("09.dq_bits", dq_bits)
 show("qlora.poor")
 # %% [markdown] manual id=fq_qlora_poor points=1
 # Measured answers beat the article's list: QLoRA is slower per step than 16-bit LoRA (dequantisation in
-# every forward/backward: 0.363 vs 0.254 s/step on an H200 for SmolLM2 shapes); its peak memory can exceed
+# every forward/backward: this project's H200 run of the usual recipe on the Llama-2-7B shape measured
+# {{result:qlora_step_llama-2-7b_h200.json:results.recipe_no_ckpt.tokens_per_s/results.bf16_lora_no_ckpt.tokens_per_s:.2f}}x the
+# tokens/s of bf16 LoRA without gradient checkpointing,
+# {{result:qlora_step_llama-2-7b_h200.json:results.recipe.tokens_per_s/results.bf16_lora.tokens_per_s:.2f}}x with it); its peak memory can exceed
 # the weights' saving for small models; the 4-bit error is fixed at the base, so quality depends on
 # adapting all linear layers; merging needs care (dequantise first, notebook 07). Small data is not a
 # QLoRA-specific problem.
