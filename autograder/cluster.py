@@ -33,6 +33,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from autograder.contracts import Job, Result
@@ -65,11 +66,12 @@ class Pool:
         from autograder import grade as grade_mod, reports
 
         if not jobs:
-            return
+            return {}
+        t0 = time.perf_counter()
         templates = {name: template_gradebook(name, opts, Path(course_root).parent) for name in
                      sorted({j.assignment for j, _, _ in jobs})}
         needs_model = {n: grade_mod.needs_model([a]) for n, a in prepared.items()}
-        futures = {}
+        futures, busy = {}, 0.0
         for job, key, entry in jobs:
             task = payload(job, Path(course_root), opts.source, templates[job.assignment], needs_model[job.assignment],
                            opts.submission_timeout)
@@ -81,9 +83,11 @@ class Pool:
             print(f"grading {len(jobs)} submission(s) on {self.client.scheduler.address} "
                   f"({self.workers_hint()} worker(s) now; more may join)" + (f"; dashboard: {link}" if link else ""),
                   file=sys.stderr)
+        dispatch = time.perf_counter() - t0          # templates and payloads: the coordinator's own work
         bar = reports.progress(len(jobs), opts.quiet)
         for fut in as_completed(list(futures)):
             job, key, entry = futures.pop(fut)
+            t1 = time.perf_counter()
             try:
                 output = fut.result()
             except Exception as exc:  # noqa: BLE001 - KilledWorker, lost scheduler...: the submission gets a row
@@ -96,7 +100,9 @@ class Pool:
                 apply(output, job, Path(course_root))
             fut.release()
             bar.done(done(job, key, entry))
+            busy += time.perf_counter() - t1
         bar.close()
+        return {"dispatch_s": round(dispatch, 3), "collect_s": round(busy, 3)}
 
 
 def _failures(exc) -> str:
@@ -275,7 +281,8 @@ def merge_grades(db_url: str, course_id: str, assignment: str, student: str, row
     from autograder.worker import _gradebook_retry
 
     def write():
-        with Gradebook(db_url, course_id) as gb:
+        with warnings.catch_warnings(), Gradebook(db_url, course_id) as gb:
+            warnings.simplefilter("ignore")       # SQLAlchemy's autoflush notes from nbgrader's own API
             gb.update_or_create_student(student)
             gb.update_or_create_submission(assignment, student)
             nb = gb.find_submission_notebook(assignment, assignment, student)

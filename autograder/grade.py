@@ -384,6 +384,7 @@ def _grade(opts: Options, out: Path, names: list[str], pool, judge, reports) -> 
     digest = grader_digest()
     limits = Limits(memory_mb=opts.memory_mb, cpu_seconds=opts.submission_timeout * (os.cpu_count() or 1))
     todo, skipped = [], 0
+    t_store = time.perf_counter()
     for sub in subs:
         intake.store(sub, course_root, out / "intake")
         a = prepared.get(sub.assignment)
@@ -443,12 +444,16 @@ def _grade(opts: Options, out: Path, names: list[str], pool, judge, reports) -> 
             ledger.record(key, entry)         # an error or timeout is tried again by the next run
         return result
 
+    coordinator = {"submissions": len(subs), "graded_now": len(jobs), "intake_store_s": round(time.perf_counter() - t_store, 3)}
     if pool is not None:
-        pool.grade([(j, k, e) for j, k, e in jobs], prepared, course_root, done, opts)
+        coordinator.update(pool.grade([(j, k, e) for j, k, e in jobs], prepared, course_root, done, opts) or {})
     elif jobs:
         _local(jobs, opts, done)
+    t_reports = time.perf_counter()
     results = reports.load_results(out / "results")
     reports.write_all(results, out)
+    coordinator["reports_s"] = round(time.perf_counter() - t_reports, 3)
+    (out / "coordinator.json").write_text(json.dumps(coordinator, indent=1))   # the coordinator's own time
     return [dataclasses.asdict(r) for r in results]
 
 

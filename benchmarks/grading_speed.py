@@ -1,6 +1,18 @@
 """How fast is grading a class? Seconds per submission: plain nbgrader vs the autograder, 1 and N jobs.
 
     python benchmarks/grading_speed.py [--assignment 02_lora_linear] [--n 4] [--jobs 2] [--out benchmarks/grading_speed.json]
+    python benchmarks/grading_speed.py --class-scale M [--workers 2]     # -> benchmarks/results/grading_class_cpu.json
+    python benchmarks/grading_speed.py --model                          # print the cost model from the committed run
+
+Class-scale mode (``--class-scale M``): M mixed submissions (cycling through the built-in samples
+``perfect``, ``forgot_scaling``, ``partial``, ``blank``) graded, in one run, by plain sequential
+``nbgrader autograde``, by the autograder's local pool (``--jobs W``), and by a local Dask cluster of W
+workers (``--cluster local:W``); then the same Dask command again, when every result is up to date,
+which measures the coordinator's own cost (intake, ledger, reports) per submission. Where the time of
+one submission goes is measured separately: ``import torch`` in a fresh interpreter, the start of the
+sandbox kernel and of a plain ipykernel (to the first reply), and the worker's stages (judge,
+autograde, feedback and audit). :func:`cost_model` turns these into hours for a course
+(1,000 students x 10 notebooks) on 10 and 100 machines like this one.
 
 In one run, on the same N submissions (the instructor's solutions pasted into the student copy, one
 per student):
@@ -76,11 +88,12 @@ def plain_nbgrader(tmp: Path, submissions: Path, assignment: str, timeout: int) 
     return seconds
 
 
-def autograder(tmp: Path, submissions: Path, assignment: str, jobs: int, timeout: int) -> tuple[float, list[dict]]:
-    out = tmp / f"jobs{jobs}"
+def autograder(tmp: Path, submissions: Path, assignment: str, jobs: int, timeout: int, extra: list[str] = (),
+               name: str | None = None) -> tuple[float, list[dict]]:
+    out = tmp / (name or f"jobs{jobs}")
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "autograder", "grade", str(submissions), "--assignment", assignment,
-                           "--jobs", str(jobs), "--timeout", str(timeout), "--out", str(out), "--quiet"],
+                           "--jobs", str(jobs), "--timeout", str(timeout), "--out", str(out), "--quiet", *extra],
                           capture_output=True, text=True)
     seconds = time.perf_counter() - t
     if proc.returncode != 0:
@@ -89,14 +102,221 @@ def autograder(tmp: Path, submissions: Path, assignment: str, jobs: int, timeout
     return seconds, results
 
 
+CLASS_RESULT = ROOT / "benchmarks" / "results" / "grading_class_cpu.json"
+MIX = ("perfect", "forgot_scaling", "partial", "blank")
+
+
+def make_mixed(folder: Path, assignment: str, m: int) -> dict[str, str]:
+    """M submissions cycling through MIX (each a built-in sample); returns student -> kind."""
+    from autograder import samples
+    every = folder.parent / "all_samples"
+    samples.write_samples(every, ROOT / "solutions", [assignment])
+    folder.mkdir(parents=True, exist_ok=True)
+    kinds = {}
+    for i in range(m):
+        kind = MIX[i % len(MIX)]
+        src = next(p for p in every.glob(f"{kind}_*.ipynb"))
+        student = f"s{i:03d}{kind.replace('_', '')}"
+        shutil.copy(src, folder / f"{student}_{assignment}.ipynb")
+        kinds[student] = kind
+    return kinds
+
+
+def _seconds(cmd: list[str], env=None) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, capture_output=True, env=env, check=True)
+    return time.perf_counter() - t
+
+
+def kernel_start(kernel: str, jupyter_path: str | None = None, repeat: int = 3) -> float:
+    """Seconds from starting a kernel to its first kernel_info reply (median of ``repeat``)."""
+    from jupyter_client.manager import start_new_kernel
+    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    if jupyter_path:
+        env["JUPYTER_PATH"] = jupyter_path
+    old = os.environ.get("JUPYTER_PATH")
+    times = []
+    for _ in range(repeat):
+        if jupyter_path:
+            os.environ["JUPYTER_PATH"] = jupyter_path
+        t = time.perf_counter()
+        km, kc = start_new_kernel(kernel_name=kernel, startup_timeout=120, env=env)
+        times.append(time.perf_counter() - t)
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+        if old is None:
+            os.environ.pop("JUPYTER_PATH", None)
+        else:
+            os.environ["JUPYTER_PATH"] = old
+    return sorted(times)[len(times) // 2]
+
+
+def overhead_breakdown(tmp: Path, course_root: Path) -> dict:
+    """Fixed costs of one submission, each measured alone (median of 3)."""
+    py = sys.executable
+    torch_import = sorted(_seconds([py, "-c", "import torch"]) for _ in range(3))[1]
+    bare = sorted(_seconds([py, "-c", "pass"]) for _ in range(3))[1]
+    return {"python_start_s": round(bare, 2), "import_torch_s": round(torch_import - bare, 2),
+            "kernel_start_plain_ipykernel_s": round(kernel_start("python3"), 2),
+            "kernel_start_sandbox_s": round(kernel_start("autograder-sandbox", str(course_root)), 2)}
+
+
+def _stage_means(results: list[dict]) -> dict:
+    keys = sorted({k for r in results for k in r.get("timings", {})})
+    return {k: round(sum(r["timings"].get(k, 0.0) for r in results) / len(results), 2) for k in keys}
+
+
+def class_scale(args) -> dict:
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="grading_class_") as tmp:
+        tmp = Path(tmp)
+        subs = tmp / "submissions"
+        kinds = make_mixed(subs, args.assignment, args.class_scale)
+        plain = plain_nbgrader(tmp, subs, args.assignment, args.timeout)
+        print(f"plain nbgrader autograde: {plain:.1f} s for {args.class_scale}", flush=True)
+        pool, r_pool = autograder(tmp, subs, args.assignment, args.workers, args.timeout)
+        print(f"autograder --jobs {args.workers}: {pool:.1f} s", flush=True)
+        dask_s, r_dask = autograder(tmp, subs, args.assignment, args.workers, args.timeout,
+                                    extra=["--cluster", f"local:{args.workers}"], name="dask")
+        print(f"autograder --cluster local:{args.workers}: {dask_s:.1f} s", flush=True)
+        again, _ = autograder(tmp, subs, args.assignment, args.workers, args.timeout,
+                              extra=["--cluster", f"local:{args.workers}"], name="dask")
+        print(f"same command again (all up to date): {again:.1f} s", flush=True)
+        tasks = [json.loads(p.read_text()) for p in sorted((tmp / "dask" / "scratch").glob("*/*/task.json"))]
+        coord = json.loads((tmp / "dask" / "coordinator.json").read_text()) if (tmp / "dask" / "coordinator.json").exists() else {}
+        # the coordinator's own work in the Dask run, per submission: intake, payloads, writing what came back
+        # (gradebook, files, result, ledger), reports; its start-up (imports, assignments) is not per submission
+        coord_busy = sum(coord.get(k, 0.0) for k in ("intake_store_s", "dispatch_s", "collect_s", "reports_s"))
+        breakdown = overhead_breakdown(tmp, tmp / "dask" / "course")
+    m = args.class_scale
+    same = {r["student"]: (r["score"], r["status"]) for r in r_pool} == {r["student"]: (r["score"], r["status"]) for r in r_dask}
+    return {
+        "what": "benchmarks/grading_speed.py --class-scale: M mixed submissions of one assignment graded by plain "
+                "sequential nbgrader autograde, the autograder's local pool, and a local Dask cluster, in one run",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "cpu": _cpu_model(), "platform": platform.platform(),
+                    "python": platform.python_version(), "load_avg_before": [round(x, 2) for x in load_before],
+                    "load_avg_after": [round(x, 2) for x in os.getloadavg()]},
+        "assignment": args.assignment, "submissions": m, "workers": args.workers, "cell_timeout": args.timeout,
+        "mix": {k: sum(1 for v in kinds.values() if v == k) for k in MIX},
+        "seconds_total": {"nbgrader_sequential": round(plain, 1), f"pool_jobs{args.workers}": round(pool, 1),
+                          f"dask_local{args.workers}": round(dask_s, 1), "dask_rerun_up_to_date": round(again, 1)},
+        "seconds_per_submission": {"nbgrader_sequential": round(plain / m, 2), f"pool_jobs{args.workers}": round(pool / m, 2),
+                                   f"dask_local{args.workers}": round(dask_s / m, 2)},
+        "dask_task_seconds_mean": round(sum(t["seconds"] for t in tasks) / len(tasks), 2) if tasks else None,
+        "coordinator_seconds_per_submission": round(coord_busy / m, 3),
+        "coordinator_phases_dask": coord,
+        "stage_seconds_mean_pool": _stage_means(r_pool),
+        "stage_seconds_mean_dask": _stage_means(r_dask),
+        "overhead_breakdown": breakdown,
+        "dask_equals_pool": same,
+        "scores": {r["student"]: r["score"] for r in r_dask},
+    }
+
+
+def cost_model(run: dict, per_notebook: dict | None = None, students: int = 1000, machines=(10, 100)) -> dict:
+    """Hours to grade ``students`` x the course's notebooks on N machines like the measuring one.
+
+    T(N) = sum over notebooks of (plain nbgrader seconds of that notebook x the autograder's task/nbgrader
+    ratio measured in ``run``) x students / (N x workers per machine) + coordinator seconds per submission x
+    submissions. The per-notebook nbgrader seconds are the committed CI run's (one copy: half of
+    ``seconds_both_copies``); the coordinator is one process, so its term does not shrink with N."""
+    if per_notebook is None:
+        committed = json.loads((ROOT / "benchmarks" / "results" / "notebook_grading_cpu.json").read_text())["notebooks"]
+        per_notebook = {nb: round(v["seconds_both_copies"] / 2, 2) for nb, v in committed.items()}
+    ratio = run["dask_task_seconds_mean"] / run["seconds_per_submission"]["nbgrader_sequential"]
+    task_s = {nb: s * ratio for nb, s in per_notebook.items()}
+    per_student = sum(task_s.values())
+    subs = students * len(task_s)
+    workers = run["workers"]
+    coord = run["coordinator_seconds_per_submission"] * subs
+    out = {"students": students, "notebooks": len(task_s), "submissions": subs,
+           "task_over_nbgrader_ratio": round(ratio, 2), "task_seconds_per_student": round(per_student, 1),
+           "workers_per_machine": workers, "coordinator_hours": round(coord / 3600, 2),
+           "nbgrader_seconds_per_notebook": per_notebook, "hours": {}}
+    for n in machines:
+        out["hours"][str(n)] = round((per_student * students / (n * workers) + coord) / 3600, 2)
+    return out
+
+
+README_START = "<!-- grading_class_cpu: generated by benchmarks/grading_speed.py --readme; do not edit -->"
+README_END = "<!-- end grading_class_cpu -->"
+
+
+def readme_text(run: dict) -> str:
+    """The README's class-scale paragraph, rendered from the committed run (tests compare the two)."""
+    sps, tot, bd, model = run["seconds_per_submission"], run["seconds_total"], run["overhead_breakdown"], run["cost_model"]
+    w = run["workers"]
+    stages = ", ".join(f"{k} {v:g} s" for k, v in run["stage_seconds_mean_pool"].items())
+    lines = [
+        README_START,
+        f"Class-scale run ({run['date'][:10]}, {run['machine']['cpus']}-core {run['machine']['cpu']}, load average "
+        f"{run['machine']['load_avg_before'][0]:g} before / {run['machine']['load_avg_after'][0]:g} after: a shared "
+        f"machine), {run['submissions']} mixed submissions of {run['assignment']} "
+        f"({', '.join(f'{n} {k}' for k, n in run['mix'].items())}), `benchmarks/results/grading_class_cpu.json`:",
+        "",
+        "| mode | total s | s / submission |",
+        "| --- | --- | --- |",
+        f"| plain `nbgrader autograde`, sequential | {tot['nbgrader_sequential']:g} | {sps['nbgrader_sequential']:g} |",
+        f"| autograder, local pool `--jobs {w}` | {tot[f'pool_jobs{w}']:g} | {sps[f'pool_jobs{w}']:g} |",
+        f"| autograder, `--cluster local:{w}` (Dask) | {tot[f'dask_local{w}']:g} | {sps[f'dask_local{w}']:g} |",
+        f"| the Dask command again, all up to date (start-up, intake, reports) | {tot['dask_rerun_up_to_date']:g} | "
+        f"{tot['dask_rerun_up_to_date'] / run['submissions']:.2f} |",
+        "",
+        f"Dask results equal the pool's: {run['dask_equals_pool']}. One Dask task took {run['dask_task_seconds_mean']:g} s "
+        f"on average (worker stages, pool run: {stages}); the coordinator's own work (intake, payloads, writing "
+        f"what came back, reports) was {run['coordinator_seconds_per_submission']:g} s per submission. Fixed costs of one submission, measured alone: Python "
+        f"start {bd['python_start_s']:g} s, `import torch` {bd['import_torch_s']:g} s (paid by the kernel and by "
+        f"the judge's harness, each a fresh process), kernel start to first reply {bd['kernel_start_plain_ipykernel_s']:g} s "
+        f"for a plain ipykernel and {bd['kernel_start_sandbox_s']:g} s for the sandbox kernel.",
+        "",
+        f"Cost model (`cost_model`): a course of {model['students']:,} students x {model['notebooks']} notebooks = "
+        f"{model['submissions']:,} submissions; per student {model['task_seconds_per_student']:g} s of worker time (the "
+        f"committed plain-nbgrader seconds of each notebook x the measured task/nbgrader ratio "
+        f"{model['task_over_nbgrader_ratio']:g}), {model['workers_per_machine']} workers per machine like this one, plus "
+        f"{model['coordinator_hours']:g} h of coordinator time (one process; it does not shrink with machines): "
+        + "; ".join(f"**{h:g} h on {n} machines**" for n, h in model["hours"].items()) + ".",
+        README_END,
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--assignment", default="02_lora_linear")
     ap.add_argument("--n", type=int, default=4, help="submissions (default 4)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--timeout", type=int, default=300, help="per-cell timeout for every mode")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "grading_speed.json")
+    ap.add_argument("--out", type=Path, default=None, help="where the JSON goes (default per mode)")
+    ap.add_argument("--class-scale", type=int, metavar="M", help="class-scale mode with M mixed submissions")
+    ap.add_argument("--workers", type=int, default=2, help="class-scale: pool jobs and Dask workers (default 2)")
+    ap.add_argument("--model", action="store_true", help="print the cost model of the committed class-scale run")
+    ap.add_argument("--readme", action="store_true", help="write the committed run's paragraph into autograder/README.md")
     args = ap.parse_args(argv)
+    if args.model:
+        run = json.loads(CLASS_RESULT.read_text())
+        print(json.dumps(cost_model(run), indent=1))
+        return 0
+    if args.readme:
+        readme = ROOT / "autograder" / "README.md"
+        text = readme.read_text()
+        block = readme_text(json.loads(CLASS_RESULT.read_text()))
+        if README_START in text:
+            text = text[:text.index(README_START)] + block + text[text.index(README_END) + len(README_END):]
+        else:
+            text = text.rstrip("\n") + "\n\n" + block + "\n"
+        readme.write_text(text)
+        return 0
+    if args.class_scale is not None:
+        if args.class_scale < 1 or args.workers < 1:
+            raise SystemExit(f"--class-scale={args.class_scale} and --workers={args.workers} must be positive")
+        report = class_scale(args)
+        report["cost_model"] = cost_model(report)
+        out = args.out or CLASS_RESULT
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        print(json.dumps(report, indent=1))
+        return 0
+    args.out = args.out or ROOT / "benchmarks" / "grading_speed.json"
     if args.n < 1 or args.jobs < 1:
         raise SystemExit(f"--n={args.n} and --jobs={args.jobs} must be positive")
     load_before = os.getloadavg()
