@@ -53,8 +53,13 @@ check-notebooks: env
 grade: env
 	@$(BIN)/python -m autograder grade $(SUBMISSIONS) $(if $(ASSIGNMENT),--assignment $(ASSIGNMENT)) $(GRADE_ARGS)
 
+# per-submission overhead (1 and 2 jobs), then the class-scale run (M mixed submissions: nbgrader, pool,
+# local Dask cluster) and its paragraph in autograder/README.md
+M ?= 8
 bench-grading: env
 	$(BIN)/python benchmarks/grading_speed.py --n 4 --jobs 2
+	$(BIN)/python benchmarks/grading_speed.py --class-scale $(M) --workers 2
+	$(BIN)/python benchmarks/grading_speed.py --readme
 
 # check your notebook before submitting. make exits 2 on any failure (make's own rule); the line it
 # prints gives the autograder's code: 1 = a visible test failed or a locked cell was edited,
