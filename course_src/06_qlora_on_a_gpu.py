@@ -454,7 +454,12 @@ else:
           f"{[round(v, 2) for v in res_real.losses]}, {res_real.seconds / real_steps:.1f} s/step on this CPU")
 
 # %% [markdown]
-# What to read in these numbers. Weights: QLoRA's base is about a quarter of LoRA's. Gradients and optimizer
+# What to read in these numbers. Weights: QLoRA's linear layers take about a quarter of their 16-bit bytes
+# (4.127 of 16 bits per weight), but SmolLM2's tied 49,152 x 576 embedding (a fifth of its parameters) and
+# its norms stay 16-bit, so the whole QLoRA base is 41.5% of the 16-bit model, not a quarter (notebook 08
+# computes it; the H200 run measured the QLoRA run's resident weights at
+# {{result:memory_vs_measured_h200.json:rows.2.measured_weights_gb/rows.1.measured_weights_gb:.0%}} of the LoRA run's,
+# adapters included). At the 7B shape, where the linear layers are 96% of the parameters, it is close to a quarter. Gradients and optimizer
 # state: full fine-tuning pays for every parameter (gradient 1x, AdamW moments 2x the weights), LoRA and
 # QLoRA only for the adapters. Activations are about the same for all three: the base layers of LoRA and
 # QLoRA still have to carry gradients back to earlier adapters. On a GPU, the activations and the loss
@@ -585,7 +590,10 @@ for path, q in quality:
 #
 # The calculator needs no GPU. For Llama-2-7B, batch 4 x 512, r = 16 on all linear layers, gradient
 # checkpointing, bf16: where does each method's memory go? (The article's "84 GB for full fine-tuning of a 7B
-# model" is its 4 x fp16-weights rule; notebook 03 and `lora_ref.memory`'s docstring take it apart.)
+# model" is 12 bytes x 7B parameters: 16-bit weights and gradients plus two fp32 Adam moments, without the
+# fp32 master copy, as notebook 00 counts. Its code's "params + grads + Adam states = 4 x fp16 weights" rule
+# is a different, smaller figure: 8 bytes per parameter, 56 GB; `lora_ref.memory`'s docstring takes that
+# one apart.)
 # %%
 calc7 = {m: M.training_memory("llama-2-7b", m, r=16, targets="all-linear", batch=4, seq=512, dtype="bf16",
                               grad_checkpointing=True, master_weights=(m == "full"))
@@ -723,15 +731,23 @@ xb = torch.randn(8, 128, 576, device=DEVICE, dtype=dt)
 reps = 3 if GRADING else 10
 t_lora, t_qlora = fwd_bwd_ms(lora_layer, xb, reps), fwd_bwd_ms(qlora_layer, xb, reps)
 print(f"16-bit LoRA layer: {t_lora:7.2f} ms   QLoRA layer: {t_qlora:7.2f} ms   ({t_qlora / t_lora:.2f}x) on {DEVICE}")
-print("H200 anchor, whole Llama-2-7B step with the usual recipe (no checkpointing): QLoRA 5,060 vs bf16 LoRA 8,088"
-      " tokens/s (0.63x); bitsandbytes#465 'why is 4-bit slower than 16-bit' is this.")
+from lora_ref.results import load_result                # noqa: E402
+
+step = load_result("qlora_step_llama-2-7b_h200.json")  # the committed H200 run of benchmarks/qlora_step.py
+if step is not None:
+    r = step["results"]
+    for ckpt, q, b in (("without", "recipe_no_ckpt", "bf16_lora_no_ckpt"), ("with", "recipe", "bf16_lora")):
+        print(f"H200, Llama-2-7B step, transformers + bitsandbytes + PEFT, {ckpt} gradient checkpointing: QLoRA "
+              f"{r[q]['tokens_per_s']:,.0f} vs bf16 LoRA {r[b]['tokens_per_s']:,.0f} tokens/s "
+              f"({r[q]['tokens_per_s'] / r[b]['tokens_per_s']:.2f}x)")
+print("bitsandbytes#465 'why is 4-bit slower than 16-bit' is this.")
 
 # %% [markdown]
 # ### 8d. Inference latency: the article's "extra de-quantisation overhead", and merging
 #
 # Serving the 4-bit model with its adapter attached dequantises every weight on every forward and runs the
 # adapter branch too. Merging for deployment (`qlora.merge_for_deployment`: dequantise, add $sBA$ in fp32,
-# store 16-bit) removes both, at 4x the weight memory. Measured on the QLoRA model trained above: one forward
+# store 16-bit) removes both, at up to 4x the memory of the quantised layers (the cell prints both sizes). Measured on the QLoRA model trained above: one forward
 # of a 64-token prompt, unmerged 4-bit + adapter vs merged 16-bit (and the outputs agree).
 # %%
 import copy                                            # noqa: E402
@@ -786,8 +802,8 @@ print(f"weights: {qlora.model_nbytes(q_model) / 2**20:.2f} MiB (4-bit + adapters
 # When the 4-bit base has lost information the task needs: the quantisation error is spread over all
 # directions (flat spectrum), so a rank-r adapter cannot repair it (8b: rank 16 removes under 10%);
 # blocks with outliers lose their small weights (8a). When speed matters: every forward and backward
-# dequantises (8c: slower per step; the H200 anchor is 0.63x the tokens/s of bf16 LoRA with the usual
-# recipe). When serving unmerged: dequantisation on every forward (8d); merge into 16-bit for deployment,
+# dequantises (8c: slower per step; this project's H200 run of the usual recipe measured QLoRA at {{result:qlora_step_llama-2-7b_h200.json:results.recipe_no_ckpt.tokens_per_s/results.bf16_lora_no_ckpt.tokens_per_s:.2f}}x the
+# tokens/s of bf16 LoRA without gradient checkpointing and {{result:qlora_step_llama-2-7b_h200.json:results.recipe.tokens_per_s/results.bf16_lora.tokens_per_s:.2f}}x with it). When serving unmerged: dequantisation on every forward (8d); merge into 16-bit for deployment,
 # but do not re-quantise the merged weights to 4 bits (notebook 07 measures that error). Mitigations: larger
 # rank or all-linear targets, blocksize 32/64, double-check on a held-out metric against 16-bit LoRA.
 # </details>
@@ -798,12 +814,27 @@ print(f"weights: {qlora.model_nbytes(q_model) / 2**20:.2f} MiB (4-bit + adapters
 # <details><summary>Model answer</summary>
 #
 # Weights: 6.74e9 x 2 bytes = 13.5 GB in bf16; with the 7 projections in NF4 + DQ (4.127 bits) and the
-# embeddings, head and norms in bf16, about 3.9 GB (the calculator above; the H200 recipe run holds 4.40 GB).
+# embeddings, head and norms in bf16, about 3.9 GB (the calculator above). The anchor's H200 recipe run holds
+# 4.40 GB because PEFT's `prepare_model_for_kbit_training` casts every parameter that is not 4-bit (here the
+# embeddings, the head and the norms, 262M values) from 16 to 32 bits: +0.52 GB (computed below).
 # Also: the adapters (40M params at r=16 on all 7 projections), their gradients and AdamW state (8 bytes/param
 # = 0.32 GB, or 0.08 GB in 8-bit), the checkpointed activations, the loss buffers (batch x seq x vocab fp32
 # logits and gradients: about 0.8 GB at 4 x 512 x 32,000) and one transient dequantised weight.
 # </details>
 #
+# The 3.9 GB and the anchor's 4.40 GB, counted (the 7 projections in NF4 + DQ in bitsandbytes' layout; the
+# rest in 16 bits as loaded, then in 32 bits as `prepare_model_for_kbit_training` leaves it: its loop casts
+# every fp16/bf16 parameter whose class is not `Params4bit` to float32, src/peft/utils/other.py):
+# %%
+pb7 = M.param_breakdown("llama-2-7b")
+nf4_7b = M.get_shape("llama-2-7b").n_layers * sum(M.quantized_linear_bytes(o * i) for o, i in M.linear_shapes("llama-2-7b").values())
+rest7 = pb7.total - pb7.linear                           # embeddings + lm_head + norms
+print(f"7 projections, NF4 + DQ: {pb7.linear / 1e9:.2f}B weights -> {nf4_7b / 1e9:.2f} GB")
+print(f"embeddings, head, norms: {rest7 / 1e6:.0f}M weights -> {2 * rest7 / 1e9:.2f} GB in bf16, {4 * rest7 / 1e9:.2f} GB in fp32")
+print(f"total: {(nf4_7b + 2 * rest7) / 1e9:.2f} GB as loaded; {(nf4_7b + 4 * rest7) / 1e9:.2f} GB after "
+      "prepare_model_for_kbit_training (the anchor's 'weights on GPU')")
+
+# %% [markdown]
 # **Q4.** What are paged optimizers, and when do they help?
 #
 # <details><summary>Model answer</summary>
