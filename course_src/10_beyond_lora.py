@@ -461,8 +461,8 @@ plt.tight_layout(); plt.show()
 # ### The multi-seed GPU run (committed)
 #
 # `benchmarks/beyond_lora.py` on an H200: r = 16, α = 32, all 7 projections, 150 steps, batch 8, lr 1e-3
-# (LoRA+: $\eta_A$ = 5e-4, λ = 16), the course's 410 training examples, fact accuracy on the 82 held-out
-# questions, {{result:beyond_lora_h200.json:summary.lora.n}} seeds
+# (LoRA+: $\eta_A$ = 5e-4, λ = 16), the course's {{result:beyond_lora_h200.json:train_examples}} training examples, fact accuracy on the
+# {{result:beyond_lora_h200.json:heldout_examples}} held-out questions, {{result:beyond_lora_h200.json:summary.lora.n}} seeds
 # (LoftQ {{result:beyond_lora_h200.json:summary.loftq.n}}: its job reached the time limit). Differences are
 # paired by seed (same data order and, where the method keeps LoRA's init, the same $A$). The six methods
 # ran as six processes sharing one GPU, so the train times (150 steps, mean over seeds) are indicative only.
@@ -478,8 +478,8 @@ plt.tight_layout(); plt.show()
 #
 # The base model without an adapter has held-out loss {{result:beyond_lora_h200.json:base.heldout_loss:.3f}}.
 # What the table does and does not say is computed below from the same file: a difference counts only
-# when it is larger than twice its standard error, and a few seeds of 82 questions (one question is 1.2
-# points) resolve only large effects.
+# when it is larger than twice its standard error, and a few seeds of {{result:beyond_lora_h200.json:heldout_examples}} questions (each question
+# is more than a point) resolve only large effects.
 
 # %%
 from lora_ref.results import load_result
