@@ -65,9 +65,12 @@ ITEMS = [
             "The update is multiplied by scaling = alpha / r. Dividing by r keeps the size of the update "
             "roughly independent of the rank when you change r, so you can change r without re-tuning the "
             "learning rate; the paper sets alpha to the first r tried and does not tune it, noting that with "
-            "Adam tuning alpha is roughly like tuning the learning rate. With large r, alpha/r shrinks the "
-            "update too much and learning slows: rsLoRA (Kalajdzievski 2023) shows alpha/sqrt(r) is the "
-            "scaling that keeps learning stable as r grows (PEFT: use_rslora=True)."
+            "Adam tuning alpha is roughly like tuning the learning rate. Measured on a SmolLM2 layer "
+            "(benchmarks/rslora_norms.py, notebook 02): in the first Adam steps the r columns of B move "
+            "independently, B A grows like sqrt(r) and alpha/r starts large ranks slowly, which is rsLoRA's "
+            "argument (Kalajdzievski 2023: scale by alpha/sqrt(r), PEFT use_rslora=True); once trained the "
+            "columns line up, B A grows like r, alpha/r keeps the update's size nearly independent of r, and "
+            "rsLoRA makes large ranks take larger steps, like a larger learning rate."
         ),
         key_points=(
             kp("scaling = alpha / r multiplies B A", "alpha r"),
@@ -77,7 +80,7 @@ ITEMS = [
         ),
         source="LoRA paper Section 4.1 ('we simply set alpha to the first r we try'); rsLoRA arXiv 2312.03732; PEFT LoraConfig.use_rslora",
         follow_ups=("With alpha fixed at 16, what happens to the effective update when r goes from 8 to 128?",
-                    "Why does alpha/sqrt(r) keep the learning rate stable?"),
+                    "When does alpha/sqrt(r) help, and when does it act like a larger learning rate?"),
     ),
     Item(
         id="lora.shapes", topic="lora-math", kind="choice", difficulty=1,
@@ -309,7 +312,8 @@ ITEMS = [
         correct=1,
         answer=(
             "scaling = alpha / r: 16/8 = 2.0, 16/64 = 0.25. Larger r with fixed alpha shrinks the update per unit "
-            "of B A, which together with B starting at zero slows learning at high rank; rsLoRA's alpha/sqrt(r) "
+            "of B A, which slows the first steps at high rank (until B's columns line up and B A grows like r); "
+            "rsLoRA's alpha/sqrt(r) "
             "would go from 5.66 to 2.0 (only sqrt(8) smaller), which is what 'drops to 1/sqrt(8)' describes."
         ),
         key_points=(kp("alpha / r", "alpha r"), kp("0.25", "0.25")),
