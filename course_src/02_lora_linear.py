@@ -66,11 +66,11 @@ GRADING, DEVICE = notebook_setup()     # grading mode (nbgrader running: demos s
 # the first $r$ we try and do not tune it." With $s = \alpha / r$ you can change $r$ without re-tuning
 # the learning rate — at least for small $r$.
 #
-# Kalajdzievski (2023, *rsLoRA*, [arXiv 2312.03732](https://arxiv.org/abs/2312.03732)) showed that
-# $\alpha/r$ shrinks the update too much as $r$ grows: with Adam every entry of $B$ moves at about the
-# same speed, so $\|BA\|$ grows like $\sqrt{r}$, and $\alpha/r \cdot \sqrt{r} = \alpha/\sqrt{r} \to 0$.
-# Scaling by $\alpha/\sqrt{r}$ keeps the update's size stable ("rank-stabilised"). PEFT exposes it as
-# `LoraConfig(use_rslora=True)`.
+# Kalajdzievski (2023, *rsLoRA*, [arXiv 2312.03732](https://arxiv.org/abs/2312.03732)) argues that
+# $\alpha/r$ scales the update down too much as $r$ grows, so that large ranks learn no better than small
+# ones, and proposes $s = \alpha/\sqrt{r}$ ("rank-stabilised"); PEFT exposes it as
+# `LoraConfig(use_rslora=True)`. Which rule keeps the update's size independent of $r$ is a question of
+# how Adam moves $B$; after the exercise we measure it on a real layer.
 #
 # Write `lora_scaling(alpha, r, use_rslora=False)`. Raise `ValueError` (naming the bad value) when
 # `r` is not a positive integer or `alpha` is not positive.
@@ -103,32 +103,59 @@ check("02.lora_scaling", lora_scaling)
 ### END HIDDEN TESTS
 
 # %% [markdown]
-# **Measured: what $s$ does to the update as $r$ grows.** Below, $A$ is drawn as at init and $B$ gets
-# entries of a fixed size (what a few Adam steps give, since Adam moves every entry by about the
-# learning rate). We measure $\|s\,BA\|_F$ for both rules.
+# **Measured: what $s$ does to the update as $r$ grows.** `benchmarks/rslora_norms.py` trains LoRA on one
+# real layer of SmolLM2 (the MLP down projection of its last decoder layer) with real AdamW steps on the
+# course's answer loss, for several ranks and both rules, with the same seed, batches, learning rate and
+# $\alpha$; only $r$ and the rule change. It records $\|s\,BA\|_F$ and how much the adapter changes the
+# layer's output on held-out inputs $u$, $\|s\,BA\,u\|/\|u\|$, during training. Its committed result
+# (a CPU run; rerun it with the command it prints):
 # %%
-torch.manual_seed(0)
-d, alpha = 256, 16
-ranks = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-norms = {"alpha / r": [], "alpha / sqrt(r)  (rsLoRA)": []}
-for r in ranks:
-    A = torch.empty(r, d)
-    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-    B = 0.01 * torch.randn(d, r)
-    for name, rs in zip(norms, (False, True)):
-        norms[name].append((lora_scaling(alpha, r, use_rslora=rs) * B @ A).norm().item())
-fig, ax = plt.subplots(figsize=(5.5, 3.2))
-for name, values in norms.items():
-    ax.loglog(ranks, values, "o-", label=name)
-ax.set_xlabel("rank r"); ax.set_ylabel("||s B A||_F"); ax.legend(); ax.set_title("update size vs rank")
-plt.tight_layout(); plt.show()
-print("ratio of update norms r=256 vs r=1:",
-      {k: round(v[-1] / v[0], 3) for k, v in norms.items()})
+from lora_ref.results import load_result
+
+rs_run = load_result("rslora_norms_cpu.json")
+if rs_run is not None:
+    print(f"{rs_run['module']}, {rs_run['n_train']} training examples, alpha={rs_run['alpha']:g}, lr={rs_run['lr']:g}, "
+          f"batch {rs_run['batch_size']}; {rs_run['device']}, {rs_run['date'][:10]}; `{rs_run['command']}`")
+    rules = {"alpha / r": False, "alpha / sqrt(r) (rsLoRA)": True}
+    series = {name: [row for row in rs_run["runs"] if row["rslora"] == rs or row["r"] == 1] for name, rs in rules.items()}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.3))
+    for ax, key, title in ((axes[0], "update_fro", "||s B A||_F"),
+                           (axes[1], "output_change", "||s B A u|| / ||u||, held-out inputs")):
+        for name, rows in series.items():
+            for k, step in enumerate((rs_run["checkpoints"][1], rs_run["steps"])):
+                vals = [next(p for p in row["points"] if p["step"] == step)[key] for row in rows]
+                ax.loglog([row["r"] for row in rows], vals, "o-" if k else "o:", color="C0" if "rsLoRA" in name else "C1",
+                          label=f"{name}, step {step}")
+        ax.set_xlabel("rank r"); ax.set_title(title); ax.legend(fontsize=7)
+    plt.tight_layout(); plt.show()
+    lo, hi = rs_run["r_min"], rs_run["r_max"]
+    print(f"growth from r={lo} to r={hi} (x{hi // lo} in rank, x{math.sqrt(hi / lo):g} in sqrt(rank)):")
+    for step in rs_run["checkpoints"]:
+        sm = rs_run["summary"][f"step{step}"]
+        print(f"  step {step:3d}: ||sBA||_F  alpha/r x{sm['alpha_r_update_fro_ratio']:.3f}, rsLoRA x{sm['rslora_update_fro_ratio']:.2f}"
+              f" | output change  alpha/r x{sm['alpha_r_output_change_ratio']:.3f}, rsLoRA x{sm['rslora_output_change_ratio']:.2f}")
 
 # %% [markdown]
-# With $\alpha/r$ the update of an $r=256$ adapter is about $1/\sqrt{256} = 1/16$ the size of an
-# $r=1$ adapter's for the same per-entry movement: large ranks learn slowly unless you raise $\alpha$ or
-# the learning rate. rsLoRA keeps it flat.
+# **What the measurement says** (from $r = {{result:rslora_norms_cpu.json:r_min:d}}$ to $r = {{result:rslora_norms_cpu.json:r_max:d}}$):
+#
+# - **At the first step** the update's Frobenius norm with $\alpha/r$ shrinks to
+#   ×{{result:rslora_norms_cpu.json:summary.step1.alpha_r_update_fro_ratio:.3f}} (close to $1/\sqrt{{{result:rslora_norms_cpu.json:rank_ratio:g}}}$: $\|BA\|_F$ grows like
+#   $\sqrt{r}$) and with rsLoRA it stays flat (×{{result:rslora_norms_cpu.json:summary.step1.rslora_update_fro_ratio:.2f}}). Adam moves every
+#   entry of $B$ by about the learning rate, and the $r$ columns of $B$ start out moving in unrelated
+#   directions (each sees the gradient through its own random row of $A$): $BA$ adds up $r$ independent
+#   pieces. That is rsLoRA's argument.
+# - **On the inputs the data uses** the columns already agree in part: the output change grows faster than
+#   $\sqrt r$ (×{{result:rslora_norms_cpu.json:summary.step1.alpha_r_output_change_ratio:.2f}} with $\alpha/r$ at step 1, not ×{{result:rslora_norms_cpu.json:summary.step1.alpha_r_update_fro_ratio:.3f}}).
+# - **As training goes on** the columns of $B$ line up on the few directions the loss rewards, $BA$ grows
+#   like $r$, and by step {{result:rslora_norms_cpu.json:steps:d}} $\alpha/r$ keeps the update about the same size at every rank
+#   (Frobenius norm ×{{result:rslora_norms_cpu.json:summary.step200.alpha_r_update_fro_ratio:.2f}}, output change ×{{result:rslora_norms_cpu.json:summary.step200.alpha_r_output_change_ratio:.2f}}), while rsLoRA's
+#   is ×{{result:rslora_norms_cpu.json:summary.step200.rslora_update_fro_ratio:.2f}} (output change ×{{result:rslora_norms_cpu.json:summary.step200.rslora_output_change_ratio:.2f}}) larger at the top rank.
+#
+# So $\alpha/r$ does what the LoRA paper wanted for a trained adapter: its size barely depends on $r$, so
+# you can change $r$ without re-tuning the learning rate; it starts large ranks slowly, for the first few
+# dozen steps. rsLoRA gives large ranks larger changes of the layer's output throughout, like a learning rate that grows with
+# $r$: faster at the start and at large $r$, and a reason to re-tune the learning rate when you switch.
+# Notebook 04 shows the same thing in a rank sweep.
 #
 # ## 3. Exercise 2 — `LoRALinear`: init and forward
 #
@@ -151,7 +178,8 @@ print("ratio of update norms r=256 vs r=1:",
 #   `lora_B` with zeros; no other random calls in `__init__`.
 # - **dtype/device:** put $A$, $B$ on the base weight's device. If the base weight is float32 or float64,
 #   use its dtype; if it is half precision (bfloat16/float16), keep $A$ and $B$ in **float32** (PEFT does
-#   the same: tiny adapter updates vanish in bf16 rounding).
+#   the same by default: `get_peft_model(..., autocast_adapter_dtype=True)` upcasts bf16/fp16 adapter
+#   weights to float32, since tiny adapter updates vanish in bf16 rounding).
 # - **Validation:** `ValueError` naming the value when `r` is not an integer in `[1, min(in, out)]`, when
 #   `alpha <= 0`, or when `dropout` is not in `[0, 1)`; `TypeError` when `base` has no `weight`.
 # - **forward(x):** `x` has shape `(..., in_features)` (raise `ValueError` otherwise). Return
@@ -468,10 +496,11 @@ check("02.lora_merge_half", LoRALinear)
 # %% [markdown]
 # ## 6. Measured: merging into a bfloat16 weight
 #
-# Models are often served in bfloat16, which keeps 8 bits of mantissa: a weight near 0.02 is stored to
-# about $10^{-4}$. An update $\Delta W$ is typically 10-1000x smaller than $W$'s entries, so part of it is
-# lost to rounding when it is added to a bf16 weight. We merge a trained-looking adapter three ways and
-# measure the share of $\Delta W$ that survives, against the exact (float64) sum.
+# Models are often served in bfloat16, which keeps 8 significand bits (7 stored, one implicit): a weight
+# near 0.02 is stored to a step of $2^{-13} \approx 1.2 \cdot 10^{-4}$. A trained update $\Delta W$ is small
+# next to $W$ (notebook 01 measured $\|\Delta W\|/\|W\|$ for a real fine-tuning; the cell below prints the
+# mean entry of both), so part of it is lost to rounding when it is added to a bf16 weight. We merge an
+# adapter of that size three ways and measure the share of $\Delta W$ lost, against the exact (float64) sum.
 # %%
 torch.manual_seed(0)
 base16 = nn.Linear(512, 512).to(torch.bfloat16)
@@ -497,9 +526,9 @@ lay.unmerge()
 print(f"after unmerge, max |W - W_original| = {(base16.weight.double() - w64).abs().max():.2e} "
       "(a bf16 merge does not round-trip exactly)")
 # %% [markdown]
-# Computing the delta in float32 avoids *extra* error, but the final rounding to bfloat16 still drops a
-# visible share of a small update: a merged bf16 model is not bit-identical to the adapter model (PEFT
-# issues #1388, #2368 and #1836: "quality drops after merge"). Merge into a float32 copy when you can,
+# Computing the delta in float32 avoids the error of a bf16 product (small here: compare the first two
+# lines), but the final rounding to bfloat16 drops a visible share of a small update whichever way: a merged bf16 model is not bit-identical to the adapter model (PEFT
+# issue #1388, "merge_and_unload() raises the loss", is this effect on a bf16 Llama). Merge into a float32 copy when you can,
 # keep the adapter file, and re-measure quality after merging.
 #
 # ## 7. Measured: dropout, merging and train/eval mode
@@ -554,15 +583,26 @@ lay.unmerge()
 #    convention also needs `.T` on every merge and export (PEFT files store `lora_A` as `(r, in)`).
 # 2. **It copies the frozen weight.** `apply_lora_to_model` builds a fresh random `nn.Linear` (time spent
 #    on an init that is thrown away), then `clone()`s the pretrained weight into it: two copies exist
-#    while the swap happens, and weights that were shared (tied embeddings, one module used twice) stop
-#    being shared.
-# 3. **`merge_weights` returns a new `nn.Linear`** instead of merging in place: the LoRA module keeps
-#    adding its branch, so a caller who merges and keeps using it gets the update twice; there is no
-#    `unmerge`; the merge is computed in the weight's dtype (bf16 rounding, section 6); and it refuses
-#    to merge when the weight is trainable (an unrelated condition).
+#    while the swap happens, and a module that was shared (one module used under two names) stops being
+#    shared (measured on a model in section 9).
+# 3. **`merge_weights` returns a new `nn.Linear` and leaves the model as it was.** Used as written
+#    (`merged = layer.merge_weights()`, then serve `merged`), the update is applied *once*: the LoRA module
+#    itself is not changed. What does go wrong, each measured below:
+#    - nothing puts the merged layer into the model: the article has no `merge_and_unload`, so a model
+#      "merged" with it still runs every LoRA branch, unless the caller writes the swap walk;
+#    - the returned layer is a fresh `nn.Linear`: its weight is **trainable again**
+#      (`requires_grad=True`), so the next optimizer built on `model.parameters()` trains every merged weight;
+#    - the product and the sum are computed in the weight's dtype: after `model.to(torch.bfloat16)` both are
+#      bf16, and there is no way to merge into a float32 copy. It loses the share of the update that
+#      section 6 measured for any merge into bf16 weights (the bf16 product adds little on top: compare
+#      the last two printed lines);
+#    - there is no `unmerge`, and it refuses to merge when the weight is trainable, a condition unrelated to
+#      merging;
+#    - the update is applied twice only if a caller puts the merged layer back *inside* the LoRA module
+#      (`layer.linear = layer.merge_weights()`), which the article does not do but its API leaves open.
 # 4. Smaller points: `dropout=0.1` by default (PEFT's default is 0.0); no input validation.
 #
-# The measurements:
+# The measurements (the article's class, verbatim apart from formatting, is `ArticleLoRALinear`):
 # %%
 def article_init_bound(d_in: int, r: int) -> float:
     A = torch.zeros(d_in, r)                     # the article's (in, r) shape
@@ -596,6 +636,85 @@ x = torch.randn(4, 2048)
 article_branch = x @ wrapped.lora_A.T @ wrapped.lora_B.T * wrapped.scaling
 print("same output as ours once transposed:",
       torch.allclose(big(x) + article_branch, wrapped(x), atol=1e-4))
+
+
+# %%
+import copy
+
+
+class ArticleLoRALinear(nn.Module):
+    """The seed article's LoRALinear (its code, formatting aside): A (in, r), B (r, out), a new inner Linear."""
+
+    def __init__(self, in_features, out_features, rank=16, alpha=16.0, dropout=0.1, bias=True):
+        super().__init__()
+        self.in_features, self.out_features, self.rank, self.alpha = in_features, out_features, rank, alpha
+        self.linear = nn.Linear(in_features, out_features, bias=bias)
+        self.linear.weight.requires_grad = False
+        if bias:
+            self.linear.bias.requires_grad = False
+        self.lora_A = nn.Parameter(torch.zeros(in_features, rank))
+        self.lora_B = nn.Parameter(torch.zeros(rank, out_features))
+        self.dropout = nn.Dropout(dropout)
+        self.scaling = alpha / rank
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x):
+        return self.linear(x) + self.dropout(x) @ self.lora_A @ self.lora_B * self.scaling
+
+    def merge_weights(self):
+        if not self.linear.weight.requires_grad:
+            merged_weight = self.linear.weight.data + (self.lora_A @ self.lora_B * self.scaling).T
+            merged_linear = nn.Linear(self.in_features, self.out_features, bias=self.linear.bias is not None)
+            merged_linear.weight.data = merged_weight
+            if self.linear.bias is not None:
+                merged_linear.bias.data = self.linear.bias.data
+            return merged_linear
+        else:
+            raise ValueError("Original weight not frozen, cannot merge")
+
+
+torch.manual_seed(0)
+art = ArticleLoRALinear(256, 256, rank=8, alpha=16, dropout=0.0)
+with torch.no_grad():
+    art.lora_B.normal_(0, 0.02)                              # pretend we trained
+x = torch.randn(4, 256)
+served = art.merge_weights()
+once = art.linear(x) + x @ art.lora_A @ art.lora_B * art.scaling
+print(f"served as written: max |merged(x) - LoRA layer(x)| = {(served(x) - art(x)).abs().max():.1e}  (update applied once)")
+print(f"the LoRA module is unchanged: still a {type(art).__name__} adding its branch; merge_weights returned a "
+      f"separate {type(served).__name__} that nothing puts into a model")
+print("the returned layer's weight requires_grad:", served.weight.requires_grad,
+      "(the frozen weight is trainable again)")
+art_twice = copy.deepcopy(art)
+art_twice.linear = art_twice.merge_weights()                 # the misuse the API leaves open
+print(f"merged layer put back inside the LoRA module: max |output - once| = {(art_twice(x) - once).abs().max():.3f}, "
+      f"the update's own size is {(once - art.linear(x)).abs().max():.3f} (applied twice)")
+art.linear.weight.requires_grad_(True)
+try:
+    art.merge_weights()
+except ValueError as err:
+    print("with a trainable weight it refuses to merge:", err)
+
+# the article's merge on a bf16 model: section 6's weight and adapter (same seed), in the article's layout
+torch.manual_seed(0)
+base16 = nn.Linear(512, 512).to(torch.bfloat16)
+ours16 = LoRALinear(base16, r=16, alpha=32)
+with torch.no_grad():
+    ours16.lora_B.normal_(0, 2e-3)
+w_exact, dw_exact = base16.weight.double().clone(), ours16.delta_weight().double()
+art16 = ArticleLoRALinear(512, 512, rank=16, alpha=32, dropout=0.0)
+with torch.no_grad():
+    art16.linear.weight.copy_(base16.weight.float())
+    art16.linear.bias.copy_(base16.bias.float())
+    art16.lora_A.copy_(ours16.lora_A.detach().T)             # A_article = A.T, B_article = B.T
+    art16.lora_B.copy_(ours16.lora_B.detach().T)
+art16.to(torch.bfloat16)                                     # what model.to(torch.bfloat16) does to it
+ours16.merge()
+for name, merged_w in (("article's merge_weights (bf16 product and sum)", art16.merge_weights().weight),
+                       ("your merge (fp32 delta, one rounding)          ", base16.weight)):
+    err = ((merged_w.double() - w_exact) - dw_exact).norm() / dw_exact.norm()
+    print(f"{name}: {err:.2%} of the update lost")
 
 # %% [markdown]
 # ## 9. Your layer inside SmolLM2-135M
@@ -631,7 +750,100 @@ print("after 'training': logits moved by", round((logits_trained - logits_base).
       "| merged vs unmerged max difference:", (logits_merged - logits_trained).abs().max().item())
 
 # %% [markdown]
-# ## 10. Interview practice
+# ## 10. The seed article's `apply_lora_to_model`, measured
+#
+# The article puts its layer into a model like this (its code, formatting aside):
+# %%
+def article_apply_lora_to_model(model, target_modules, rank=16, alpha=16.0, dropout=0.1):
+    """The article's apply_lora_to_model (its LoRAConfig's fields as arguments)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            parent_name = name.split(".")[-1]
+            if parent_name in target_modules:
+                lora_layer = ArticleLoRALinear(module.in_features, module.out_features, rank=rank, alpha=alpha,
+                                               dropout=dropout, bias=module.bias is not None)
+                lora_layer.linear.weight.data = module.weight.data.clone()
+                if module.bias is not None:
+                    lora_layer.linear.bias.data = module.bias.data.clone()
+                parent = model
+                for atom in name.split(".")[:-1]:
+                    parent = getattr(parent, atom)
+                setattr(parent, parent_name, lora_layer)      # replaces modules while named_modules() iterates
+
+# %% [markdown]
+# **1. It replaces modules while iterating `named_modules()`.** That does not crash: `setattr` changes the
+# value of a key the parent's module dict already has (a dict may change values, not size, while it is
+# iterated), and the generator has already handed out the old module. But `named_modules()` yields each
+# module *object* once. A module registered under two names is visited under the first only:
+# %%
+from lora_ref.lora import LoRAConfig, inject_lora
+
+for how in ("article", "lora_ref.inject_lora"):
+    shared = nn.Linear(8, 8)
+    net = nn.ModuleDict({"encoder": nn.ModuleDict({"proj": shared}), "decoder": nn.ModuleDict({"proj": shared})})
+    if how == "article":
+        article_apply_lora_to_model(net, ["proj"], rank=2)
+        first, second = net["encoder"]["proj"], net["decoder"]["proj"]
+        print(f"{how:21s}: encoder.proj is a {type(first).__name__} holding a *copy* of the weight, decoder.proj is "
+              f"the original {type(second).__name__} (trainable: {second.weight.requires_grad}); shared storage: "
+              f"{first.linear.weight.data_ptr() == second.weight.data_ptr()}")
+    else:
+        inject_lora(net, LoRAConfig(r=2, target_modules=("proj",)))
+        first, second = net["encoder"]["proj"], net["decoder"]["proj"]
+        print(f"{how:21s}: encoder.proj is a {type(first).__name__} wrapping the original, decoder.proj is "
+              f"{type(second).__name__}; shared storage: {first.base_layer.weight.data_ptr() == second.weight.data_ptr()}")
+
+# %% [markdown]
+# Both skip the second name (so shared modules need care in any injector), but the article's copy also
+# splits one weight into two that training then moves apart. Collecting the targets first and wrapping by
+# reference keeps the base weight shared.
+#
+# **2. Its fresh layers lose the model's dtype and device.** `ArticleLoRALinear(...)` is built with
+# PyTorch's defaults (float32, CPU); only the frozen weight is then swapped for the model's tensor. On a
+# bfloat16 model (a tiny Llama with SmolLM2's architecture):
+# %%
+from lora_ref.models import tiny_llama
+
+bf16_model = tiny_llama().to(torch.bfloat16)
+article_apply_lora_to_model(bf16_model, ["q_proj", "v_proj"])
+q = bf16_model.model.layers[0].self_attn.q_proj
+print(f"frozen weight {q.linear.weight.dtype} on {q.linear.weight.device}; "
+      f"lora_A {q.lora_A.dtype} on {q.lora_A.device} (a GPU model would leave them on the CPU too)")
+try:
+    bf16_model(torch.tensor([[1, 2, 3]]))
+except RuntimeError as err:
+    print("forward pass:", type(err).__name__, "-", err)
+
+# %% [markdown]
+# **3. Nothing outside the adapters is frozen, so its "trainable ratio" is wrong.** The article's trainer
+# calls `apply_lora_to_model` on the pretrained model (all seven projections, rank 16, alpha 32) and prints
+# its ratio of trainable parameters. Its layers freeze their own inner weight, but the embeddings, the
+# norms and every layer it does not wrap keep `requires_grad=True`, and its optimizer takes every parameter
+# that requires a gradient. On SmolLM2:
+# %%
+art_model, _ = load_smollm2(device=DEVICE)
+article_apply_lora_to_model(art_model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                            rank=16, alpha=32.0)
+total_params = sum(p.numel() for p in art_model.parameters())
+trainable_params = sum(p.numel() for p in art_model.parameters() if p.requires_grad)
+lora_params = sum(p.numel() for n, p in art_model.named_parameters() if "lora_" in n)
+print(f"the article's print: Trainable ratio: {100 * trainable_params / total_params:.2f}%  "
+      f"({trainable_params:,} of {total_params:,})")
+print(f"LoRA's own parameters: {lora_params:,} = {100 * lora_params / total_params:.2f}% of the model")
+others = {}
+for n, p in art_model.named_parameters():
+    if p.requires_grad and "lora_" not in n:
+        kind = "embed_tokens (tied lm_head)" if "embed_tokens" in n else n.rsplit(".", 1)[0].split(".")[-1]
+        others[kind] = others.get(kind, 0) + p.numel()
+print("also trainable, and trained by its optimizer:", {k: f"{v:,}" for k, v in others.items()})
+del art_model
+
+# %% [markdown]
+# So the article's "LoRA" fine-tunes the token embeddings (and output head, tied to them) and every norm
+# too: a different method from the one it describes, with an optimizer state to match. Freeze everything
+# first, then add adapters (section 9 above, `lora_ref.inject_lora`, PEFT's `get_peft_model`).
+#
+# ## 11. Interview practice
 #
 # Answer out loud first, then open the answer.
 #
@@ -645,9 +857,11 @@ print("after 'training': logits moved by", round((logits_trained - logits_base).
 # **Q2. What does $\alpha$ do, why divide by $r$, and what does rsLoRA change?**
 # <details><summary>answer</summary>
 # $s=\alpha/r$ scales the update; with Adam, tuning $\alpha$ is like tuning the learning rate, and dividing
-# by $r$ lets you change $r$ without re-tuning (paper, 4.1). For large $r$, $\alpha/r$ over-shrinks the
-# update (its norm grows like $\sqrt r$ only); rsLoRA uses $\alpha/\sqrt r$ so large ranks learn as fast
-# (measured in section 2).
+# by $r$ lets you change $r$ without re-tuning (paper, 4.1). Measured in section 2 on a real layer: in the
+# first Adam steps $BA$ grows like $\sqrt r$ ($B$'s columns move independently), so $\alpha/r$ starts large
+# ranks slowly and rsLoRA's $\alpha/\sqrt r$ keeps them level; once trained, $BA$ grows like $r$ (the
+# columns agree), $\alpha/r$ keeps the update's size nearly independent of $r$, and rsLoRA makes large ranks
+# take larger steps, like a larger learning rate.
 # </details>
 #
 # **Q3. How many trainable parameters does LoRA add to one 4096 × 4096 projection at r = 16?**
@@ -659,9 +873,13 @@ print("after 'training': logits moved by", round((logits_trained - logits_base).
 # **Q4. Is there any inference latency after merging? When would you not merge?**
 # <details><summary>answer</summary>
 # None: the merged layer is a plain linear layer of the same shape. Keep adapters separate to serve many
-# tasks on one base model (switch adapters per request), when the base is quantised (merging into 4-bit
-# weights needs a dequantise-merge-requantise round, notebook 06), or to keep the exact adapter model
-# (bf16 merges lose part of the update, measured in section 6).
+# tasks on one base model (switch adapters per request), or to keep the exact adapter model (bf16 merges
+# lose part of the update, measured in section 6). Do not merge into a quantised base and re-quantise:
+# notebook 07 measures that re-quantising to NF4 erases a trained QLoRA adapter (held-out fact accuracy
+# {{result:quality_qlora_h200.json:deploy.requant.fact_accuracy:.1%}} after re-quantising, against
+# {{result:quality_qlora_h200.json:deploy.adapter.fact_accuracy:.1%}} with the adapter and
+# {{result:quality_qlora_h200.json:base.fact_accuracy:.1%}} for the base model), because the update is smaller than a
+# 4-bit rounding step; dequantise, merge and export in 16 bits instead.
 # </details>
 #
 # **Q5. Where does dropout go in LoRA, and what does it mean for merging?**
@@ -673,6 +891,8 @@ print("after 'training': logits moved by", round((logits_trained - logits_base).
 # **Q6. Name three mistakes in the article's `LoRALinear`.**
 # <details><summary>answer</summary>
 # A stored as (in, r) so kaiming's fan-in is r (init 16x too large at d=4096, r=16) and every export needs
-# transposes; the pretrained weight is cloned into a freshly initialised Linear instead of wrapped;
-# merge returns a new module (the LoRA module still adds its branch, no unmerge, bf16 merge arithmetic).
+# transposes; the pretrained weight is cloned into a freshly initialised Linear instead of wrapped (its
+# adapters then get float32 CPU tensors on a bf16 or GPU model); merge returns a new layer that nothing
+# puts into the model, trainable again, with no unmerge and no float32 option; and nothing
+# outside the adapters is frozen, so it trains embeddings and norms too (sections 8 and 10).
 # </details>

@@ -50,9 +50,13 @@ GRADING, DEVICE = notebook_setup()     # grading mode (nbgrader running: demos s
 # * $r$ bounds the **rank** of the update ($\operatorname{rank}(BA) \le r$) and sets the cost,
 #   $r(d + k)$ trainable numbers per layer;
 # * $s$ sets its **size**: $s = \alpha/r$ in the paper, $s = \alpha/\sqrt{r}$ in rsLoRA (Kalajdzievski
-#   2023), which argues that with $\alpha/r$ large ranks learn too slowly. Which rule keeps the update's size
-#   independent of $r$ depends on how the columns of $B$ move (in step early in training, independently
-#   later): section 2 measures it;
+#   2023), which argues that with $\alpha/r$ large ranks learn too slowly. Notebook 02 (section 2) measured
+#   both on a real layer (`benchmarks/rslora_norms.py`): in the first Adam steps the columns of $B$ move
+#   independently and $\|BA\|$ grows like $\sqrt{r}$, so $\alpha/r$ starts large ranks slowly; as training
+#   goes on they line up on the directions the loss rewards, $BA$ grows like $r$, and $\alpha/r$ keeps the
+#   trained update's size nearly independent of $r$ (×{{result:rslora_norms_cpu.json:summary.step200.alpha_r_update_fro_ratio:.2f}} from $r={{result:rslora_norms_cpu.json:r_min:d}}$ to
+#   ${{result:rslora_norms_cpu.json:r_max:d}}$ after {{result:rslora_norms_cpu.json:steps:d}} steps) while rsLoRA's grows with $r$ (×{{result:rslora_norms_cpu.json:summary.step200.rslora_update_fro_ratio:.2f}}). Section 2
+#   shows what that does to a rank sweep;
 # * with Adam, multiplying $\alpha$ by $c$ is close to multiplying the learning rate by $c$ (paper,
 #   Section 4.1), which is why the paper fixes $\alpha$ and tunes nothing else.
 #
@@ -129,15 +133,16 @@ ax[1].set_xlabel("step"); ax[1].set_ylabel("training loss"); ax[1].legend(fontsi
 plt.tight_layout(); plt.show()
 
 # %% [markdown]
-# What to look for in the table. **With $\alpha/r$ the ranks nearly coincide** in a short run. That is
-# Adam: its first steps move every entry of $B$ by about the learning rate in the direction of its
-# gradient, so the $r$ columns of $B$ add up *coherently* and $\|BA\,x\|$ grows like $r$; $s = \alpha/r$
-# cancels it, which is exactly what the paper intended ("tuning $\alpha$ is roughly the same as tuning
-# the learning rate"). **rsLoRA** divides by $\sqrt{r}$ only, so at $r = 64$, $\alpha = 16$ its update is
-# $\sqrt{64} = 8$ times larger than with $\alpha/r$: it behaves like an 8x larger learning rate, faster in a
-# short run (and less stable if the rate is already high). The rsLoRA paper's argument (with $\alpha/r$
-# large ranks learn too slowly) is about long training, where $B$'s columns stop moving in step. Either
-# way: **compare ranks at a tuned learning rate**, or the sweep measures the step size, not the rank.
+# What to look for in the table. **With $\alpha/r$ the ranks land close together.** Past the first steps the
+# columns of $B$ move in step, $BA$ grows like $r$, and $s = \alpha/r$ cancels it, which is what the paper
+# intended ("tuning $\alpha$ is roughly the same as tuning the learning rate"; notebook 02's measurement:
+# after {{result:rslora_norms_cpu.json:steps:d}} steps the $\alpha/r$ update at $r={{result:rslora_norms_cpu.json:r_max:d}}$ is ×{{result:rslora_norms_cpu.json:summary.step200.alpha_r_update_fro_ratio:.2f}} the size of $r={{result:rslora_norms_cpu.json:r_min:d}}$'s). **rsLoRA**
+# divides by $\sqrt{r}$ only, so at $r = 64$, $\alpha = 16$ its scale is $\sqrt{64} = 8$ times $\alpha/r$'s: it
+# behaves like a larger learning rate at larger $r$, faster in a short run like this one (and less stable
+# if the rate is already high). rsLoRA's argument ($\alpha/r$ starves large ranks) describes the first
+# steps, where $B$'s columns still move independently and $\|BA\|$ grows like $\sqrt{r}$ (notebook 02: the
+# $\alpha/r$ update at $r={{result:rslora_norms_cpu.json:r_max:d}}$ is ×{{result:rslora_norms_cpu.json:summary.step1.alpha_r_update_fro_ratio:.3f}} of $r={{result:rslora_norms_cpu.json:r_min:d}}$'s at step 1). Either way:
+# **compare ranks at a tuned learning rate**, or the sweep measures the step size, not the rank.
 #
 # ## 3. Sweep alpha at fixed r
 #
@@ -168,10 +173,24 @@ for label, run in module_runs.items():
     print(f"{label:16s} trainable {run.trainable:9,d}  held-out loss {run.eval_loss:.3f}  "
           f"token acc {run.eval_token_accuracy:.1%}")
 
+# how much of a layer the MLP is: SmolLM2 from the loaded model, Llama-2-7B from lora_ref.memory's shapes
+from lora_ref.memory import ATTENTION_PROJECTIONS, linear_shapes
+
+block = model.model.layers[0]
+mlp_w = sum(m.weight.numel() for m in block.mlp.modules() if isinstance(m, nn.Linear))
+attn_w = sum(m.weight.numel() for m in block.self_attn.modules() if isinstance(m, nn.Linear))
+print(f"\nSmolLM2-135M layer: MLP {mlp_w:,} of {mlp_w + attn_w:,} projection weights ({mlp_w / (mlp_w + attn_w):.0%}; "
+      f"GQA makes k and v {block.self_attn.k_proj.out_features} wide, q {block.self_attn.q_proj.out_features})")
+shapes7 = linear_shapes("llama-2-7b")
+mlp7 = sum(o * i for n, (o, i) in shapes7.items() if n not in ATTENTION_PROJECTIONS)
+print(f"Llama-2-7B layer (multi-head attention): MLP {mlp7 / sum(o * i for o, i in shapes7.values()):.0%}")
+
 # %% [markdown]
-# Compare the held-out losses printed above (they are this run's; in the runs we made while writing this
-# notebook, all-linear at $r=8$ was ahead of q,v at both ranks). Adapting the MLP too (two thirds of each layer's weights
-# and, by most accounts, much of a transformer's factual memory) spends parameters where facts live.
+# Compare the held-out losses printed above: they are this short run's. The same comparison on more facts
+# and more steps is committed in section 8. Adapting the MLP too spends parameters where most of the
+# weights are (the share printed last: more in SmolLM2 than in Llama-2, because grouped-query attention
+# shrinks k and v) and where, by the usual account (Geva et al. 2021, "Transformer Feed-Forward Layers Are
+# Key-Value Memories", [arXiv 2012.14913](https://arxiv.org/abs/2012.14913)), much of a transformer's factual memory sits.
 #
 # ## 5. Exercise 1: subspace similarity (3 points)
 #
@@ -260,7 +279,7 @@ fig.colorbar(im, ax=axes, shrink=0.8); plt.show()
 
 # %% [markdown]
 # How to read it: a ratio near 1x means "no more shared than chance"; the paper reports $\phi > 0.5$ for
-# the top direction of $A_q$ on GPT-3 after full training, i.e. hundreds of times the chance level in its
+# the top direction of $A_q$ on GPT-3 after full training, i.e. thousands of times the chance level in its
 # 12,288 dimensions. Our runs are a few dozen steps on two layers, and the printout shows two things. On the
 # $A$ side the **top** direction is shared hundreds of times above chance: training pushed both adapters'
 # $A$ along the same input direction, the one that most reduces the loss on these inputs (Adam moves every
@@ -328,8 +347,8 @@ print(f"  a random rank-64 product for comparison: {rank_for_energy(rand, 0.9)} 
 
 # %% [markdown]
 # How to read it. For SmolLM2 the formula gives 3.5 to 6. The 90%-energy ranks printed above vary **by
-# module** (the value projection and the MLP's down projection need fewer directions than the query or key
-# projections), which a formula of the matrix size alone cannot express; and the 99% ranks are far higher.
+# module** and by layer, for matrices of the same size, which a formula of the matrix size alone cannot
+# express; and the 99% ranks are far higher.
 # The formula is not in the LoRA paper, whose Table 6 finds $r = 1$ to $8$ competitive on GPT-3 175B
 # where the formula says 28, and section 2 showed the loss barely moving with $r$ at a fixed step size. A
 # sensible procedure: start at $r = 8$-$16$ on all linear layers with $\alpha = 2r$, tune the learning rate,
@@ -380,13 +399,33 @@ for label, run in of_runs.items():
 # .venv/bin/python benchmarks/course_rank_sweep.py --out runs/rank_sweep.json
 # ```
 #
+# It also repeats section 4's comparison of target modules (`--no-modules` skips it; `--facts` and
+# `--ranks` shorten the run). When its result is committed in `benchmarks/results/course_rank_sweep.json`
+# (with the device, date and command), the cell below shows it:
+# %%
+from lora_ref.results import load_result
+
+full_sweep = load_result("course_rank_sweep.json")
+if full_sweep is not None:
+    print(f"{full_sweep['device']}, {full_sweep['date']}: `{full_sweep['command']}`")
+    print(f"{full_sweep['n_train']} training / {full_sweep['n_heldout']} held-out examples, {full_sweep['steps']} steps, "
+          f"lr {full_sweep['lr']:g}, layers {full_sweep['layers']}; base held-out loss {full_sweep['base_eval_loss']:.3f}")
+    rules = list(full_sweep["rank_sweep"])
+    print(f"{'r':>3s} " + " ".join(f"{rule:>22s}" for rule in rules))
+    for k, row in enumerate(full_sweep["rank_sweep"][rules[0]]):
+        print(f"{row['r']:3d} " + " ".join(f"{full_sweep['rank_sweep'][rule][k]['eval_loss']:22.3f}" for rule in rules))
+    for label, row in full_sweep.get("modules", {}).items():
+        print(f"{label:16s} trainable {row['trainable']:9,d}  held-out loss {row['eval_loss']:.3f}  "
+              f"token acc {row['eval_token_accuracy']:.1%}")
+
+# %% [markdown]
+#
 # ## 9. Interview practice
 #
 # **Q1. How do you choose r and alpha?**
 # <details><summary>answer</summary>
 # Start small on all linear layers (r = 8-16), alpha = 2r or rsLoRA, lr around 1e-4 to 1e-3; sweep r on a
-# log scale with a held-out task metric and stop raising it when the metric stops improving (here it
-# stopped early: section 2). Remember that with alpha/r a larger r at fixed alpha shrinks the update, so
+# log scale with a held-out task metric and stop raising it when the metric stops improving. Remember that with alpha/r a larger r at fixed alpha shrinks the update, so
 # compare ranks with alpha scaled (or rsLoRA), and that alpha acts like a learning-rate multiplier with Adam.
 # </details>
 #
@@ -406,8 +445,11 @@ for label, run in of_runs.items():
 #
 # **Q4. Which modules do you adapt?**
 # <details><summary>answer</summary>
-# All linear layers, attention and MLP (QLoRA's finding; section 4 here: all-linear at r=8 beats q,v at
-# r=64 with a similar parameter count). The LoRA paper's q,v choice was made under a tight parameter budget.
+# All linear layers, attention and MLP: QLoRA (Section 4, Figure 2) found LoRA on all linear layers
+# necessary to match full fine-tuning. The LoRA paper adapted attention only (W_q, W_v under a fixed
+# parameter budget, Table 5) and left the MLP to future work (Section 4.2). The MLP holds most of a layer's
+# weights (section 4 prints the share for SmolLM2 and Llama-2-7B); section 4 compares the choices on this
+# small run, and the command of section 8 on more data.
 # </details>
 #
 # **Q5. You have 200 examples. What do you worry about, and what do you do?**
@@ -419,6 +461,9 @@ for label, run in of_runs.items():
 #
 # **Q6. What does rsLoRA change and when does it matter?**
 # <details><summary>answer</summary>
-# The scale alpha/sqrt(r) instead of alpha/r, so the update's size does not shrink as r grows; it matters
-# when you use large ranks (64+) without retuning alpha or the learning rate (section 2).
+# The scale alpha/sqrt(r) instead of alpha/r. In the first Adam steps, when B's columns move
+# independently and ||BA|| grows like sqrt(r), it keeps the update level across ranks where alpha/r shrinks
+# it; once trained (||BA|| grows like r) alpha/r is the rule that keeps the size level, and rsLoRA makes
+# large ranks take larger steps, like a larger learning rate (notebook 02, section 2; section 2 here). It
+# matters for large ranks (64+): re-tune the learning rate when you switch.
 # </details>
