@@ -549,6 +549,89 @@ for path, payload in load_results("dequant_speed_*.json"):
               f"values or bytes differ over {len(parity)} checks")
 
 # %% [markdown]
+# ### What each trick bought: the 7B-shape step, and Llama-2-70B on one 48 GB card
+#
+# `benchmarks/qlora_step.py` ran every way of taking the step twice on one H200, each in its own process,
+# with the usual recipe in the same round (the ratio column divides by that round's recipe: speeds move with
+# the host CPU between machines, ratios less). A profiled step's CPU and CUDA times say who waits: when the
+# CPU needs longer to *launch* the kernels than the GPU needs to *run* them, the GPU idles. That was the
+# eager step here (thousands of small launches: dequantise, matmuls, casts, norms, per layer, forward,
+# recomputation and backward). `lora_ref.kernels.CUDAGraphStep` records the whole step once and replays it
+# with one launch. MFU divides 6 x parameters x tokens by the step time and the matmul rate measured in the
+# same run (the definition; QLoRA skips the weight gradients, so it does less work than 6NT).
+# %%
+from lora_ref.results import load_result      # noqa: E402
+
+TRICKS = [("recipe", "Transformers + bitsandbytes + PEFT (the usual recipe)"),
+          ("recipe_liger", "the recipe + Liger's fused Triton kernels"),
+          ("lora_ref", "lora_ref.qlora: this notebook's readable layer"),
+          ("fast_norm", "lora_ref.kernels: Triton dequantise, base + adapter in one node, chunked loss, fused RMSNorm"),
+          ("fast_compile", "the same + torch.compile of every decoder layer"),
+          ("lora_ref_graph", "the readable layer, the whole step as one CUDA graph"),
+          ("fast_graph", "the fast path, the whole step as one CUDA graph")]
+trick_run = load_result("qlora_step_graphs_a_llama-2-7b_h200.json")
+if trick_run:
+    res, rel = trick_run["results"], trick_run["vs_recipe_same_run"]
+    print(f"Llama-2-7B shape, batch {trick_run['batch']} x {trick_run['seq']}, r = {trick_run['r']}, measured on "
+          f"{describe(trick_run['info'])}; matmul {trick_run['info']['matmul_tflops']:.0f} TFLOP/s")
+    print(f"{'tokens/s (2 rounds)':>21} {'vs recipe':>11} {'peak GB':>8} {'MFU':>5} {'CPU/CUDA ms':>12}  trick")
+    for mode, what in TRICKS:
+        runs = [k for k in (mode, mode + "#2") if k in res and "error" not in res[k]]
+        if not runs:
+            continue
+        tps = " / ".join(f"{res[k]['tokens_per_s']:,.0f}" for k in runs)
+        ratio = " / ".join(f"{rel[k]['speed_vs_recipe']:.2f}" for k in runs if k in rel)
+        prof = next((f"{res[k]['cpu_ms']:.0f}/{res[k]['cuda_ms']:.0f}" for k in runs if "cpu_ms" in res[k]), "")
+        print(f"{tps:>21} {ratio:>11} {res[runs[0]]['peak_gb']:8.2f} {res[runs[0]]['mfu_6nt']:5.0%} {prof:>12}  {what}")
+    # a graph replays the same kernels: its losses (logged from the 3rd step, after 2 eager warm-up steps)
+    # continue the eager run's
+    eager_l, graph_l = res["fast_norm"]["losses"][2:7], res["fast_graph"]["losses"][:5]
+    print("losses, steps 3-7: eager", [round(v, 3) for v in eager_l], " one CUDA graph", [round(v, 3) for v in graph_l])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
+    shown = [(m, w) for m, w in TRICKS if m in res and "error" not in res[m]]
+    names = [m for m, _ in shown]
+    axes[0].barh(names, [max(res[k]["tokens_per_s"] for k in (m, m + "#2") if k in res) for m in names], color="#2a6")
+    axes[0].set_xlabel("tokens / s (best of 2 rounds)")
+    axes[1].barh(names, [res[m]["peak_gb"] for m in names], color="#36a")
+    axes[1].set_xlabel("peak GB (torch.cuda.max_memory_allocated)")
+    fig.suptitle("One QLoRA step, Llama-2-7B shape, NVIDIA H200")
+    fig.tight_layout()
+    plt.show()
+second = load_result("qlora_step_graphs_b_llama-2-7b_h200.json")
+if second:
+    r2, rel2 = second["results"], second["vs_recipe_same_run"]
+    for mode in ("fast_graph", "lora_ref_graph"):
+        print(f"second machine, {mode}: " + " / ".join(
+            f"{r2[k]['tokens_per_s']:,.0f} tok/s ({rel2[k]['speed_vs_recipe']:.2f}x its recipe's "
+            f"{r2['recipe' + k[len(mode):]]['tokens_per_s']:,.0f})" for k in (mode, mode + "#2") if k in r2)
+              + f", peak {r2[mode]['peak_gb']:.2f} GB ({rel2[mode]['peak_vs_recipe']:.2f}x)")
+
+# %% [markdown]
+# The second question is QLoRA's headline (arXiv 2305.14314, Section 1): a 65B-class model fine-tuned on one
+# 48 GB GPU. The 4-bit weights of Llama-2-70B would fit (the calculator's figure is printed below), but the
+# usual recipe first builds the whole 16-bit model and quantises it afterwards. `qlora.build_quantized`
+# builds the layers on the `meta` device (shapes, no memory), then allocates, fills and quantises one layer
+# at a time, so no more than one 16-bit layer ever exists; `lora_ref.memory.build_memory` predicts both builds.
+# %%
+big = load_result("qlora_70b_llama-2-70b_h200.json")
+plan = M.build_memory("llama-2-70b", streamed=True)
+print(f"calculator, Llama-2-70B: 79 of its 80 layers in 4 bits {plan.quantized / 1e9:.1f} GB + the 80th still "
+      f"16-bit {plan.dense_layers / 1e9:.2f} GB at the streamed build's peak; the whole 16-bit model "
+      f"{M.build_memory('llama-2-70b', streamed=False).total / 1e9:.0f} GB")
+if big:
+    print(f"Llama-2-70B shape, batch {big['batch']} x {big['seq']}, r = {big['r']}, measured on {describe(big['info'])}")
+    print(f"{'mode':>17} {'build GB':>9} {'train GB':>9} {'fits 48 GB':>10} {'step s':>7}  "
+          f"{'calculator build / train':>24}")
+    for mode in ("recipe", "stream_lora_ref", "stream_fast", "stream_fast_8bit"):
+        r, s, p = big["results"][mode], big["summary"][mode], big["predicted"][mode]
+        pred = f"{p['build_peak_gb']:.1f} / " + (f"{p['train_peak_gb']:.1f}" if "train_peak_gb" in p else "-")
+        print(f"{mode:>17} {r['build_peak_gb']:9.2f} {r['train_peak_gb']:9.2f} {str(s['fits_48gb']):>10} "
+              f"{r['step_s']:7.2f}  {pred:>24}")
+    print(f"stream_* = built by qlora.build_quantized (one 16-bit layer at a time); _8bit = lora_ref.optim.AdamW8bit. "
+          f"The recipe's training peak fits, but it never gets there on a 48 GB card: its build needs "
+          f"{big['results']['recipe']['build_peak_gb']:.0f} GB.")
+
+# %% [markdown]
 # ### Quality: QLoRA vs 16-bit LoRA on SmolLM2, the full run
 #
 # Memory and speed are half the story. `benchmarks/quality_qlora.py` trains SmolLM2 with LoRA on the dense
