@@ -17,7 +17,7 @@ SOURCE = '''
 # # Self-test assignment
 # %% locked id=setup
 import math
-import matplotlib.pyplot as plt   # feedback must show no Matplotlib warning (config folder, font cache)
+import matplotlib.pyplot as plt   # its import must leave no warning in the feedback (config folder, fonts)
 import numpy as np
 import torch
 import torch.nn as nn
