@@ -420,6 +420,21 @@ print(f"{'base':18s} {'-':>12s} {'-':>7s} {'-':>12s} {'-':>13s} {results['base']
 for m, r in runs.items():
     print(f"{m:18s} {r['trainable']:12,d} {r['seconds'] / STEPS:7.2f} {r['memory_bytes'] / 1e6:12.1f} "
           f"{r['checkpoint_bytes'] / 1e6:13.2f} {results[m]['fact_accuracy']:8.0%} {results[m]['eval_loss']:9.3f}")
+lo, fu = runs["LoRA"], runs["full fine-tuning"]
+print(f"\nLoRA trains {lo['trainable'] / fu['trainable']:.1%} of the parameters: "
+      f"{fu['memory_bytes'] / lo['memory_bytes']:.0f}x less {'gradient + AdamW state' if not ON_GPU else 'peak memory'}, "
+      f"a {fu['checkpoint_bytes'] / lo['checkpoint_bytes']:.0f}x smaller checkpoint, "
+      f"but a step only {fu['seconds'] / lo['seconds']:.2f}x faster")
+
+# why: the FLOPs of one training step (lora_ref.memory.training_flops; Kaplan et al. 2020, Section 2.1)
+from lora_ref.memory import training_flops
+
+seq = int(np.mean(lengths))
+fl_full = training_flops("smollm2-135m", 1, "full", seq=seq)
+fl_lora = training_flops("smollm2-135m", 1, "lora", r=LORA.r, seq=seq)
+print(f"FLOPs per token at {seq} tokens: full {fl_full.per_token / 1e6:.0f}M (forward {fl_full.forward / 1e6:.0f}M + "
+      f"backward {fl_full.backward / 1e6:.0f}M), LoRA {fl_lora.per_token / 1e6:.0f}M (backward {fl_lora.backward / 1e6:.0f}M): "
+      f"{fl_full.per_token / fl_lora.per_token:.2f}x fewer")
 
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.3))
 for m, r in runs.items():
@@ -433,13 +448,58 @@ axes[1].set_title(f"{len(held_sub)} held-out questions")
 plt.tight_layout(); plt.show()
 
 # %% [markdown]
-# Read the table with the sizes in mind: LoRA trains about 3.5% of the parameters, so its gradients and
-# optimizer state are about 28x smaller, and its checkpoint is about 20 MB instead of half a GB. The time per
-# step shrinks far less than 28x (compare the s/step column): the forward and backward passes still go
-# through every frozen weight (the gradient must flow through them to reach the adapters of earlier
-# layers); LoRA saves the weight-gradient products and the optimizer update of 135M parameters, not the
-# passes. LoRA's big wins are memory and storage, and they grow with the model: for a 7B model most of
-# the 84 GB the seed article quotes for full fine-tuning is gradients and Adam state.
+# Read the table with the sizes in mind (the ratios are printed under it): LoRA trains a few percent of the
+# parameters, so its gradients and optimizer state, and its checkpoint, shrink by that factor. The time per
+# step shrinks far less: the forward and backward passes still go through every frozen weight (the
+# gradient must flow through them to reach the adapters of earlier layers). Per token and per weight,
+# training costs 2 FLOPs forward and 4 backward, of which 2 compute the gradient of the input and 2 the
+# gradient of the weight; LoRA skips only the weight gradients of the frozen weights (half of the backward
+# pass, a third of the step) and their optimizer update: the last printed line. LoRA's big wins are memory
+# and storage, and they grow with the model. The seed article's "84 GB" for full fine-tuning of a 7B model
+# is 12 bytes per parameter (notebook 00): 2 for the 16-bit weight and 10 for its 16-bit gradient and two
+# fp32 Adam moments. LoRA keeps the 2 bytes of each frozen weight and drops the other 10 (mixed-precision
+# Adam also keeps a 4-byte fp32 master copy, which LoRA drops too).
+#
+# ### Forgetting: the general-text loss before and after
+#
+# Does fine-tuning on Velora's answers damage what the model knew? A cheap probe: the language-model loss
+# on general text unlike the training data (a few encyclopedia-style passages,
+# `lora_ref/data_files/general_text.json`), for the base model and each fine-tuned model. A rise means the
+# model moved away from its general knowledge.
+# %%
+general = json.loads((Path(data.__file__).parent / "data_files" / "general_text.json").read_text())["passages"]
+general = general[:3] if GRADING else general
+
+
+@torch.no_grad()
+def general_loss(model) -> float:
+    """Token-weighted next-token cross-entropy on the general passages (plain text, no chat template)."""
+    model.eval()
+    total = count = 0.0
+    for text in general:
+        ids = tok(text, return_tensors="pt").input_ids.to(DEVICE)
+        out = model(input_ids=ids, labels=ids)
+        total += out.loss.item() * (ids.shape[1] - 1)
+        count += ids.shape[1] - 1
+    return total / count
+
+
+forgetting = {"base": general_loss(model_base)}
+for m in runs:
+    forgetting[m] = general_loss(models[m])
+print(f"general-text loss over {len(general)} passages: " + ", ".join(f"{k} {v:.4f}" for k, v in forgetting.items()))
+for m in runs:
+    print(f"  {m:18s}: {forgetting[m] - forgetting['base']:+.4f} against the base model "
+          f"(Velora held-out loss {results[m]['eval_loss'] - results['base']['eval_loss']:+.3f})")
+
+# %% [markdown]
+# Read the two columns together: how far each method moved the general-text loss, and how much it learned
+# (the Velora held-out loss). This live run is a handful of steps, so both changes are small; what it
+# shows is how to measure forgetting, not a verdict. At scale, Biderman et al. (2024, "LoRA Learns Less
+# and Forgets Less", [arXiv 2405.09673](https://arxiv.org/abs/2405.09673)) fine-tuned Llama-2-7B on code
+# and maths: full fine-tuning learned the target domain better, LoRA kept more of the base model's
+# abilities on other tasks. Which trade you get depends on the learning rate, the steps and the rank, so
+# measure it on your own data, as here.
 #
 # ## 9. Save the adapter, load it back, load it with PEFT
 #
@@ -513,7 +573,7 @@ del merged
 # .venv/bin/lora-train --steps 150 --r 16 --alpha 32 --targets all-linear --out runs/velora-lora
 # ```
 #
-# (about a minute of training on a GPU; on a 2-core CPU the better part of an hour). Its committed runs, read
+# (minutes on a GPU, far longer on a 2-core CPU: the last column below is the measured training time). Its committed runs, read
 # from `benchmarks/results/` (the GPU run used the same command with `--device cuda`):
 # %%
 from lora_ref.results import load_result
@@ -531,9 +591,86 @@ for fname in ("lora_cpu_demo_cpu.json", "lora_train_h200.json"):
 # On all 41 facts LoRA gets a little over half of the held-out questions right, from almost none: the
 # questions are phrased unlike any training question, and a 135M model with 10 examples per fact does not
 # generalise every paraphrase. `benchmarks/results/quality_qlora_h200.md` repeats this over 5 seeds
-# (59.0% on average) and puts QLoRA beside it (notebook 06).
+# ({{result:quality_qlora_h200.json:per_seed.lora.*.fact_accuracy.@mean:.1%}} on average) and puts QLoRA beside it (notebook 06).
 #
-# ## 12. Interview practice
+# ## 12. The seed article's trainer, measured
+#
+# The article's `CustomerServiceLoRATrainer` does three things differently from section 8. It calls
+# `apply_lora_to_model` and nothing else, so **nothing outside the adapters is frozen** (notebook 02,
+# section 10: embeddings and norms stay trainable, and its optimizer takes every parameter that requires
+# a gradient). It **tokenises each batch inside the training loop**, plain text with `padding=True` and
+# `labels=input_ids`. And it **saves the adapter with a substring filter**:
+#
+# ```python
+# lora_state_dict = {name: param.data for name, param in self.base_model.named_parameters()
+#                    if 'lora_' in name and param.requires_grad}
+# torch.save({'lora_state_dict': lora_state_dict, 'lora_config': self.lora_config, ...}, path)
+# ```
+#
+# We reproduce its state on a tiny Llama with SmolLM2's architecture and tokenizer (LoRA on all seven
+# projections, everything else left trainable as the article leaves it), run its loop for a few steps,
+# and measure what the filter saves against what training changed.
+# %%
+from lora_ref.models import tiny_llama
+
+texts = [tok.apply_chat_template([{"role": "system", "content": data.SYSTEM_PROMPT},
+                                  {"role": "user", "content": e.question},
+                                  {"role": "assistant", "content": e.answer}], tokenize=False)
+         for e in splits.train]
+article_batches = [texts[i:i + 8] for i in range(0, 64, 8)]
+tiny = tiny_llama(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+inject_lora(tiny, LoRAConfig(r=16, alpha=32, target_modules="all-linear"))
+for p in tiny.parameters():
+    p.requires_grad_(True)                             # the article freezes nothing but the wrapped weights
+for layer in lora_layers(tiny).values():
+    layer.base_layer.weight.requires_grad_(False)
+before = {n: p.detach().clone() for n, p in tiny.named_parameters()}
+opt = torch.optim.AdamW([p for p in tiny.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
+tokenise_s = step_s = 0.0
+pad_loss_tokens = loss_tokens = 0
+tiny.train()
+for batch_texts in article_batches:                    # the article's loop, one epoch
+    t0 = time.perf_counter()
+    inputs = tok(batch_texts, return_tensors="pt", padding=True, truncation=True, max_length=512)
+    tokenise_s += time.perf_counter() - t0
+    pad_loss_tokens += int((inputs["attention_mask"] == 0).sum())     # labels=input_ids: padding carries loss
+    loss_tokens += inputs["input_ids"].numel()
+    t0 = time.perf_counter()
+    loss = tiny(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(tiny.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad()
+    step_s += time.perf_counter() - t0
+saved = {n for n, p in tiny.named_parameters() if "lora_" in n and p.requires_grad}
+changed = {n for n, p in tiny.named_parameters() if not torch.equal(p.detach(), before[n])}
+numel = dict((n, p.numel()) for n, p in tiny.named_parameters())
+missed = sorted(changed - saved)
+print(f"{len(article_batches)} batches: tokenising took {1e3 * tokenise_s:.0f} ms in total, every epoch again "
+      f"(a SmolLM2 step above took {runs['LoRA']['seconds'] / STEPS:.2f} s: the cost is small, what it tokenises is the problem)")
+print(f"labels=input_ids with padding: {pad_loss_tokens} of {loss_tokens} loss tokens ({pad_loss_tokens / loss_tokens:.0%}) "
+      f"are padding ({tok.pad_token!r}, SmolLM2's end-of-turn token), on top of the loss on system prompt and question")
+print(f"the 'lora_' filter saves {len(saved)} tensors ({sum(numel[n] for n in saved):,} numbers)")
+print(f"training changed {len(changed)} tensors; changed but NOT saved: {len(missed)} "
+      f"({sum(numel[n] for n in missed):,} numbers), e.g. {missed[:3]}")
+fresh = tiny_llama(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+inject_lora(fresh, LoRAConfig(r=16, alpha=32, target_modules="all-linear"))
+fresh.load_state_dict({n: p for n, p in tiny.state_dict().items() if "lora_" in n}, strict=False)
+probe_ids = tok(texts[:2], return_tensors="pt", padding=True)
+with torch.no_grad():
+    tiny.eval()
+    gap = (fresh(**probe_ids).logits - tiny(**probe_ids).logits).abs().max().item()
+print(f"base model + the saved 'adapter' vs the trained model: max |logits difference| = {gap:.3f} (0 if the file held what was trained)")
+
+# %% [markdown]
+# The filter catches exactly the LoRA matrices, and that is the problem: the article's optimizer also
+# trained the embeddings (and the output head tied to them) and the norms, which its file does not hold, so
+# the saved "adapter" does not reproduce the trained model. (Had it frozen the base model first, as
+# `inject_lora` and PEFT do, the filter would be complete.) Its file is also a pickle of Python objects
+# (`torch.save` of the config class): loading it runs code and needs the class; PEFT's
+# `adapter_model.safetensors` + `adapter_config.json` (section 9) holds tensors and JSON only.
+#
+# ## 13. Interview practice
 #
 # Answer out loud first, then open the answer.
 #
@@ -542,24 +679,25 @@ for fname in ("lora_cpu_demo_cpu.json", "lora_train_h200.json"):
 # <details><summary>answer</summary>
 # The labels. If the loss is on the whole sequence (the seed article's <code>labels=input_ids</code>), most
 # tokens are the fixed system prompt and the question: easy to predict, so the loss falls while the answers
-# carry a fraction of the gradient (measured in section 2: only about a quarter of the tokens are answer
-# tokens here). Mask everything but the answer and its end-of-turn token with -100, and mask padding.
+# carry a fraction of the gradient (measured in section 2: answer tokens are a minority of the tokens here). Mask everything but the answer and its end-of-turn token with -100, and mask padding.
 # </details>
 #
 # **Q2. Which `target_modules` would you choose, and how do you find the names?**
 # <details><summary>answer</summary>
 # Print the model's linear modules (section 4; PEFT's "target modules not found" error is the most asked
 # question). The LoRA paper adapted only W_q and W_v; the QLoRA paper found that all linear layers are
-# needed to match full fine-tuning. All-linear costs more parameters (section 6: about 4.9M vs 0.8M at
-# r=16 vs 8) but is still a few percent of the model. Notebook 04 measures the difference.
+# needed to match full fine-tuning. All-linear costs several times q,v's parameters at the same rank
+# (section 6 prints both) but is still a few percent of the model. Notebook 04 measures the difference.
 # </details>
 #
-# **Q3. LoRA trains 3.5% of the parameters. Why is a training step not 28x faster?**
+# **Q3. LoRA trains a few percent of the parameters. Why is a training step not that many times faster?**
 # <details><summary>answer</summary>
 # The forward and backward passes still go through every frozen weight (gradients must flow through
-# them to reach the adapters in earlier layers). LoRA removes the weight-gradient matmuls (about a third of
-# the backward FLOPs) and the optimizer update for the frozen weights. The large savings are memory
-# (gradients and Adam state only for adapters: section 8) and storage (about 20 MB per task here).
+# them to reach the adapters in earlier layers). Per weight and token a step costs 2 FLOPs forward and 4
+# backward (2 for the input gradient, 2 for the weight gradient): LoRA removes the weight-gradient matmuls
+# of the frozen weights, half of the backward pass and a third of the whole step (at most 1.5x fewer
+# FLOPs; section 8 prints the count), and their optimizer update. The large savings are memory (gradients
+# and Adam state only for adapters: section 8) and storage (the adapter file of section 8).
 # </details>
 #
 # **Q4. How do you evaluate whether fine-tuning worked? Why is "exp(loss) on the eval set" not enough?**
@@ -582,5 +720,7 @@ for fname in ("lora_cpu_demo_cpu.json", "lora_train_h200.json"):
 # <details><summary>answer</summary>
 # When memory is not the constraint and the task moves far from pre-training (new language or domain, large
 # datasets) so that a low-rank update underfits; when you serve one model only and storage does not matter.
-# On small data like ours, LoRA is cheaper and less prone to forgetting (section 8 compares the two).
+# On small data like ours LoRA is far cheaper; at scale it also forgets less of the base model than full
+# fine-tuning while learning less of the new domain (Biderman et al. 2024); section 8 shows how to measure
+# forgetting (the general-text loss of both).
 # </details>
