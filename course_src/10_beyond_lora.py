@@ -499,10 +499,12 @@ print(f"step 0, PiSSA: {s['pissa']['step0_loss_mean']:.4f} vs the base model's {
 # %% [markdown]
 # **Reading it honestly.**
 #
-# * **Step 0 is a measurement of the method, not of luck**: PiSSA starts at the pretrained model (to the
-#   rounding of its bf16 residual), and LoftQ starts measurably closer to the 16-bit model than QLoRA (the
-#   per-layer and loss cuts above, and the GPU's step-0 column). Those are the claims of the two papers'
-#   Section 3, and they hold here.
+# * **Step 0 is where the two inits make guarantees**: PiSSA starts at the pretrained model (to the rounding
+#   of its residual: compare the step-0 column with the base loss), and LoftQ's weight error is below
+#   QLoRA's in every layer (the table in section 3). How much of that reaches the model's predictions is a
+#   separate measurement: with every layer quantised (the GPU's step-0 column) LoftQ's loss is closer to the
+#   16-bit model's; on the CPU's few quantised blocks the KL and loss differences are small and need not
+#   favour LoftQ (see the printout in section 3).
 # * **After 150 steps the picture is different.** The printout above says which differences exceed twice
 #   their standard error; with so few seeds, "within 2 s.e." means *this run cannot tell*, not "equal".
 #   In particular, whether LoftQ's head start still matters after 150 steps is not resolved by this run.
