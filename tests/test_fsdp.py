@@ -54,9 +54,19 @@ def _worker(rank, port, folder):
         state_local = {n: tuple(opt.state[p]["exp_avg"].to_local().shape)
                        for n, p in model.named_parameters() if p.requires_grad}
         fsdp.save_sharded_adapter(model, folder / "adapter", config)
+        # the default policy: bf16 compute, 4-bit bytes stored as bf16 so the mixed-precision cast is a no-op
+        bf, _ = fsdp.build_tiny_qlora(seed=0)
+        fsdp.shard_qlora_model(bf)
+        bf_loss = fsdp.causal_lm_loss(bf, _tokens()[rank * per:(rank + 1) * per])
+        bf_loss.backward()
+        bf_total = bf_loss.detach().clone()
+        dist.all_reduce(bf_total)
+        bf_codes = bf.model.layers[0].self_attn.q_proj.base_layer.weight_bytes.dtype
+        bf_grad = float(bf.model.layers[0].self_attn.q_proj.lora_A.grad.full_tensor().abs().max())
         if rank == 0:
             torch.save({"loss": float(total) / WORLD, "grads": grads, "placements": placements,
-                        "state_local": state_local, "shard": str(Shard(0))}, folder / "rank0.pt")
+                        "state_local": state_local, "shard": str(Shard(0)), "bf16_loss": float(bf_total) / WORLD,
+                        "bf16_codes": bf_codes, "bf16_grad": bf_grad}, folder / "rank0.pt")
     finally:
         dist.destroy_process_group()
 
@@ -162,3 +172,11 @@ def test_per_gpu_memory_by_hand():
             fsdp.per_gpu_memory(s, bad)
     with pytest.raises(ValueError):
         fsdp.per_gpu_memory(s, 2, method="full")
+
+
+def test_bf16_policy_stores_4bit_bytes_as_bf16_and_gives_the_fp32_loss_within_bf16_rounding(sharded, single):
+    _, res = sharded
+    loss, grads, _ = single
+    assert res["bf16_codes"] == torch.bfloat16
+    assert res["bf16_loss"] == pytest.approx(loss, rel=1e-2)
+    assert res["bf16_grad"] == pytest.approx(float(grads["model.layers.0.self_attn.q_proj.lora_A"].abs().max()), rel=0.1)
