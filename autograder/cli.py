@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
+
+from autograder.contracts import DEFAULTS
 
 
 def _grade(args) -> int:
@@ -16,7 +17,8 @@ def _grade(args) -> int:
                              timeout=args.timeout, submission_timeout=args.submission_timeout,
                              memory_mb=args.memory_mb, out=args.out, source=args.source, student=args.student,
                              quiet=args.quiet, scheduler=args.scheduler, cluster=args.cluster,
-                             regrade=args.regrade, add=args.add)
+                             regrade=args.regrade, add=args.add,
+                             accept_no_isolation=args.accept_no_isolation)
         results = grade.grade(opts)
     except grade.UsageError as exc:
         print(f"autograder grade: {exc}", file=sys.stderr)
@@ -66,10 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("grade", help="grade a folder/zip/nbgrader tree of submissions (default: built-in samples)")
     g.add_argument("submissions", nargs="?", type=Path, help="folder of .ipynb, a .zip, or an nbgrader submitted/ tree")
     g.add_argument("--assignment", help="grade only this assignment (also used for files that name none)")
-    g.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="submissions graded at once (default: CPU cores)")
-    g.add_argument("--timeout", type=int, default=120, help="seconds per notebook cell (default 120)")
-    g.add_argument("--submission-timeout", type=int, default=900, help="wall seconds per submission (default 900)")
-    g.add_argument("--memory-mb", type=int, default=4096, help="address-space limit of learner processes (default 4096)")
+    g.add_argument("--jobs", type=int, default=DEFAULTS.jobs,
+                   help=f"submissions graded at once (default {DEFAULTS.jobs})")
+    g.add_argument("--timeout", type=int, default=DEFAULTS.cell_timeout,
+                   help=f"seconds per notebook cell (default {DEFAULTS.cell_timeout})")
+    g.add_argument("--submission-timeout", type=int, default=DEFAULTS.submission_timeout,
+                   help=f"wall seconds per submission (default {DEFAULTS.submission_timeout})")
+    g.add_argument("--memory-mb", type=int, default=DEFAULTS.memory_mb,
+                   help=f"address-space limit of learner processes (default {DEFAULTS.memory_mb})")
+    g.add_argument("--accept-no-isolation", action="store_true",
+                   help="grade even where user/mount/PID/network namespaces are unavailable (unsafe; every "
+                        "result says so). Without it, grading refuses to start there")
     g.add_argument("--out", type=Path, default=None,
                    help="output folder (default grading/<name of SUBMISSIONS>, grading/samples for the samples); "
                         "one folder holds one class")
@@ -85,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     g.set_defaults(fn=_grade)
     v = sub.add_parser("validate", help="run a notebook's visible tests; exit 1 if one fails")
     v.add_argument("notebook", type=Path)
-    v.add_argument("--timeout", type=int, default=120)
+    v.add_argument("--timeout", type=int, default=DEFAULTS.cell_timeout,
+                   help=f"seconds per cell (default {DEFAULTS.cell_timeout})")
     v.add_argument("--json", action="store_true", help="machine-readable report")
     v.set_defaults(fn=_validate)
     a = sub.add_parser("audit", help="static scan of a notebook's answer cells for patching patterns")

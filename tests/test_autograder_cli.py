@@ -175,3 +175,29 @@ def test_make_validate_reports_the_code_of_an_unreadable_file(tmp_path):
     proc = _make("validate", f"NB={bad}")
     assert proc.returncode == 2
     assert "make validate: exit 2" in proc.stderr and "cannot be read" in proc.stdout + proc.stderr
+
+
+def test_cli_defaults_come_from_contracts_and_the_isolation_flag_reaches_the_grader(monkeypatch, capsys):
+    """--jobs/--memory-mb defaults are DEFAULTS'; --accept-no-isolation is the only way past a missing sandbox."""
+    from autograder import cli, grade, sandbox
+    from autograder.contracts import DEFAULTS
+
+    seen = {}
+
+    def fake_grade(opts):
+        seen["opts"] = opts
+        return grade.isolation_mode(opts) and []
+
+    monkeypatch.setattr(grade, "grade", fake_grade)
+    monkeypatch.setattr(sandbox, "available", lambda: "no user namespaces (test)")
+    assert cli.main(["grade", "nowhere"]) == 2
+    assert "refusing to grade" in capsys.readouterr().err
+    assert seen["opts"].jobs == DEFAULTS.jobs and seen["opts"].memory_mb == DEFAULTS.memory_mb
+    assert seen["opts"].accept_no_isolation is False
+    monkeypatch.setattr("autograder.reports.table", lambda *a, **k: "")
+    try:
+        cli.main(["grade", "nowhere", "--accept-no-isolation"])
+    except Exception:
+        pass  # what follows grading (reports on an empty run) is not this test's concern
+    assert seen["opts"].accept_no_isolation is True
+    assert "WITHOUT isolation" in capsys.readouterr().err
