@@ -129,25 +129,46 @@ def _seconds(cmd: list[str], env=None) -> float:
 
 
 def kernel_start(kernel: str, jupyter_path: str | None = None, repeat: int = 3) -> float:
-    """Seconds from starting a kernel to its first kernel_info reply (median of ``repeat``)."""
-    from jupyter_client.manager import start_new_kernel
+    """Seconds from starting a kernel to its first kernel_info reply (median of ``repeat``).
+
+    The sandbox kernel is started as a grading worker starts it: its own scratch folder
+    (``AUTOGRADER_SCRATCH``, the only writable place inside the sandbox) and unix-socket transport in that
+    folder's runtime directory, since the sandbox has no network."""
+    from jupyter_client.manager import KernelManager
+
+    from autograder import layout
     env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
     if jupyter_path:
         env["JUPYTER_PATH"] = jupyter_path
     old = os.environ.get("JUPYTER_PATH")
     times = []
     for _ in range(repeat):
-        if jupyter_path:
-            os.environ["JUPYTER_PATH"] = jupyter_path
-        t = time.perf_counter()
-        km, kc = start_new_kernel(kernel_name=kernel, startup_timeout=120, env=env)
-        times.append(time.perf_counter() - t)
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
-        if old is None:
-            os.environ.pop("JUPYTER_PATH", None)
-        else:
-            os.environ["JUPYTER_PATH"] = old
+        with tempfile.TemporaryDirectory(prefix="kernel_start_") as scratch:
+            kw = {}
+            if kernel == "autograder-sandbox":
+                for sub in layout.KERNEL_SUBDIRS:
+                    (Path(scratch) / sub).mkdir()
+                env.update(AUTOGRADER_SCRATCH=scratch, HOME=str(Path(scratch) / "home"),
+                           JUPYTER_RUNTIME_DIR=str(Path(scratch) / "runtime"))
+                env.pop("AUTOGRADER_PLAN", None)    # default plan: only the scratch folder writable
+                kw = {"transport": "ipc", "ip": str(Path(scratch) / "runtime" / "kernel")}
+            if jupyter_path:
+                os.environ["JUPYTER_PATH"] = jupyter_path   # where the kernelspec is looked up
+            try:
+                t = time.perf_counter()
+                km = KernelManager(kernel_name=kernel, **kw)
+                km.start_kernel(env=env)
+                kc = km.client()
+                kc.start_channels()
+                kc.wait_for_ready(timeout=120)
+                times.append(time.perf_counter() - t)
+                kc.stop_channels()
+                km.shutdown_kernel(now=True)
+            finally:
+                if old is None:
+                    os.environ.pop("JUPYTER_PATH", None)
+                else:
+                    os.environ["JUPYTER_PATH"] = old
     return sorted(times)[len(times) // 2]
 
 

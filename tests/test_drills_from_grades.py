@@ -122,3 +122,10 @@ def test_widget_offers_the_same(tmp_path):
     assert MERGE_CARDS <= {c.card for c in wdg.drill.progress.due()}
     wdg.on_grades(str(tmp_path / "missing.json"))
     assert "Could not read" in wdg.grades_note.value
+
+
+def test_help_shows_an_example_of_every_command():
+    """`lora-drill --help` is where a candidate looks first: each subcommand has a worked example there."""
+    text = cli.build_parser().format_help()
+    for name in cli.COMMANDS:
+        assert f"lora-drill {name}" in text, name

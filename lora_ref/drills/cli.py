@@ -7,6 +7,8 @@
     lora-drill stats                    mastery per topic, streak, weakest areas
     lora-drill list [--topic T] [--kind numeric]
     lora-drill show ID                  a question with its model answer
+    lora-drill from-grades results/02_lora_linear/ada.json
+                                        the topics of the exercises you failed: their cards due now
 
 Answers: numeric and multiple-choice answers are one line; free-text and spot-the-bug answers end with
 an empty line (or end of input). ``:skip`` skips a question, ``:q`` quits. After each answer you see the
