@@ -30,7 +30,7 @@ lab: env
 	cd notebooks && ../$(BIN)/jupyter lab --no-browser --port=$(PORT) $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
 test: env browser-deps
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 # Debian's chromium for the end-to-end JupyterLab test (no browser download at run time). Best effort:
 # without it (not root, no apt) that one test skips and says why.

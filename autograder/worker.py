@@ -10,7 +10,10 @@ failure into a line of the result, never into a lost submission:
 
 1. judge: :func:`autograder.judge.run_judge` on the answer cells (see :mod:`autograder.harness`);
 2. ``nbgrader autograde`` (in process, with the course's gradebook; the kernel is the sandbox kernel).
-   If the kernel dies, the cell it was running is skipped on a retry (at most ``MAX_CRASHES`` times);
+   If the kernel dies, the cell it was running is skipped on a retry (at most ``MAX_CRASHES`` times).
+   Stages 1 and 2 run side by side (the judge in a thread that waits on its harness process): the judge's
+   interpreter start and ``import torch`` hide behind the notebook's execution on a spare core. Nothing
+   is killed until both are done, so neither stage's clean-up can end the other's sandbox;
 3. verdicts: the judge's outputs against the reference outputs; a test cell that checks an exercise the
    judge failed loses its points (``manual_score = 0`` in the gradebook, so nbgrader's own export and
    feedback agree); withdrawals from a previous run of this student are cleared first (idempotent);
@@ -77,7 +80,30 @@ def _gradebook_retry(fn, tries: int = 20):
             time.sleep(0.2 + 0.1 * i)
 
 
-def _config(job: Job):
+def kernel_socket_link(job: Job) -> Path:
+    """A short path through which nbgrader and the kernel reach the kernel's unix sockets.
+
+    A unix socket's path is limited to 107 bytes (``sun_path``) and the kernel's runtime folder sits deep
+    in the grading folder (``<out>/scratch/<assignment>/<student>/kernel/runtime``): a long output path
+    or student id made ZMQ fail with "File name too long". The sockets stay in that folder (hidden from
+    every other sandbox: through this link a classmate's kernel finds only the empty cover); the link,
+    ``/tmp/autograder-<random>``, only shortens the name. The worker removes it when it is done."""
+    import secrets
+    import tempfile
+
+    target = layout.kernel_dir(Path(job.scratch)) / "runtime"
+    base = Path("/tmp") if os.access("/tmp", os.W_OK) else Path(tempfile.gettempdir())
+    for _ in range(100):
+        link = base / f"autograder-{secrets.token_hex(6)}"
+        try:
+            os.symlink(target, link)
+            return link
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not make a socket link in {base}")
+
+
+def _config(job: Job, sockets: Path | None = None):
     from traitlets.config import Config
     from traitlets.config.loader import PyFileConfigLoader
 
@@ -94,7 +120,7 @@ def _config(job: Job):
     # nbgrader raises on a late output (raise_on_iopub_timeout); nbclient's 4 s fail a loaded machine
     extra.Execute.iopub_timeout = max(30, job.cell_timeout // 4)
     extra.KernelManager.transport = "ipc"     # unix sockets in the kernel's runtime folder: it has no network
-    extra.KernelManager.ip = str(layout.kernel_dir(Path(job.scratch)) / "runtime" / "kernel")
+    extra.KernelManager.ip = str((sockets or layout.kernel_dir(Path(job.scratch)) / "runtime") / "kernel")
     cfg.merge(extra)
     return cfg
 
@@ -143,7 +169,7 @@ def stage_judge(job: Job, result: Result, answers: list[dict]) -> None:
                                   limits=job.limits, cell_timeout=job.cell_timeout, judge_timeout=job.judge_timeout,
                                   hidden=[job.out, job.source_dir, *job.hidden],
                                   isolated=job.isolation == sandbox.NAMESPACES)
-    kill_children()
+    # no kill_children() here: nbgrader's kernel may be running beside the judge (see grade())
     result.judge_cells = {g: e for g, e in log.get("cells", {}).items() if e != "ok"}
     result.judge_deaths = deaths
     result.patched = log.get("patched", [])
@@ -154,8 +180,10 @@ def stage_judge(job: Job, result: Result, answers: list[dict]) -> None:
         result.judge[ex_id] = o
 
 
-def stage_autograde(job: Job, result: Result, cfg) -> bool:
-    """2. nbgrader autograde in this process, the kernel sandboxed; retry past cells that kill it."""
+def stage_autograde(job: Job, result: Result, cfg, settle=lambda: None) -> bool:
+    """2. nbgrader autograde in this process, the kernel sandboxed; retry past cells that kill it.
+    ``settle`` is called before each clean-up that kills this worker's children (the judge running
+    beside this stage is waited for first)."""
     from nbgrader.converters import Autograde
     from nbgrader.coursedir import CourseDirectory
     from nbgrader.utils import capture_log
@@ -174,6 +202,7 @@ def stage_autograde(job: Job, result: Result, cfg) -> bool:
         out = capture_log(app)
         log = out.get("log", "") + out.get("error", "")
         layout.autograde_log(Path(job.scratch)).write_text(log)
+        settle()
         kill_children()
         if out.get("success"):
             return True
@@ -387,25 +416,60 @@ def grade(job: Job) -> Result:
     _env(job)
     nb = nbformat.read(str(submitted), as_version=4)
     answers = answer_cells(nb)
+    judge = _JudgeThread(job, result, answers)
+    sockets = None
     try:
-        stage_judge(job, result, answers)
-        result.timings["judge"] = round(time.time() - t0, 1)
-        cfg = _config(job)
-        ok = stage_autograde(job, result, cfg)
-        result.timings["autograde"] = round(time.time() - t0 - result.timings["judge"], 1)
+        judge.start()
+        sockets = kernel_socket_link(job)
+        cfg = _config(job, sockets)
+        t1 = time.time()
+        ok = stage_autograde(job, result, cfg, settle=judge.settle)
+        result.timings["autograde"] = round(time.time() - t1, 1)
+        judge.settle()
+        result.timings["judge"] = judge.seconds
+        result.timings["judge_and_autograde_wall"] = round(time.time() - t0, 1)
         stage_withdraw(job, result, ok)
         stage_audit(job, result, answers)
         if ok:
             stage_feedback(job, result, cfg)
     finally:
+        if judge.ident is not None:
+            judge.join()
         kill_children()
+        if sockets is not None:
+            sockets.unlink(missing_ok=True)
     if watchdog.is_set():
         result.status = "timeout"
         result.notes.append(f"ran past the per-submission time limit ({job.submission_timeout} s); its sandboxes were ended")
     watchdog.set()
     result.seconds = round(time.time() - t0, 1)
-    result.timings["rest"] = round(result.seconds - sum(result.timings.values()), 1)
+    result.timings["rest"] = round(result.seconds - result.timings.get("judge_and_autograde_wall", 0.0), 1)
     return result
+
+
+class _JudgeThread(threading.Thread):
+    """Stage 1 beside stage 2. ``settle()`` waits for it and re-raises what it raised, once."""
+
+    def __init__(self, job: Job, result: Result, answers: list[dict]):
+        super().__init__(name="autograder-judge", daemon=True)
+        self.job, self.result, self.answers = job, result, answers
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+
+    def run(self) -> None:
+        t = time.time()
+        try:
+            stage_judge(self.job, self.result, self.answers)
+        except BaseException as exc:  # noqa: BLE001 - handed to the worker's thread by settle()
+            self.error = exc
+        self.seconds = round(time.time() - t, 1)
+
+    def settle(self) -> None:
+        if self.ident is not None:
+            self.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ import pytest
 
 from autograder.selftest import ASSIGNMENT, build_course
 
-# one xdist worker runs the whole module, so the class is graded once (the fixture is module-scoped)
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("autograder_grading")]
+# one xdist worker runs the whole module, so the class is graded once (tests/conftest.py: SHARED_FIXTURE_MODULES)
+pytestmark = pytest.mark.slow
 EXTRA = "autograder.selftest_exercises"
 ESCAPE = Path("/tmp/autograder_escape.txt")
 
@@ -27,7 +27,10 @@ def graded(tmp_path_factory):
     mp.setenv("LORA_REF_EXTRA_EXERCISES", EXTRA)
     from autograder import grade, samples
 
-    root = tmp_path_factory.mktemp("class")
+    # a deep grading folder: the kernel's runtime folder is then far past a unix socket's 107-byte name
+    # limit (the kernel must still start: autograder.worker.kernel_socket_link)
+    root = tmp_path_factory.mktemp("class") / "a-grading-folder-deep-enough-that-no-socket-path-inside-it-fits"
+    root.mkdir()
     build_course(root)
     opts = grade.Options(submissions=root / "inbox", source=root / "solutions", out=root / "out", jobs=2,
                          timeout=15, submission_timeout=400, memory_mb=3072, quiet=True)
