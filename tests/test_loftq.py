@@ -70,3 +70,15 @@ def test_model_step0_loss_closer_than_qlora_and_q_is_stored_exactly(tiny):
         e_plain = (plain(x).logits - want).abs().mean()
         e_loft = (loft(x).logits - want).abs().mean()
     assert e_loft < e_plain
+
+
+def test_exercise_quantiser_is_lora_ref_int4_roundtrip():
+    """notebook 10's case quantiser (plain torch, for the judge's harness) equals lora_ref.quant's int4."""
+    from lora_ref.exercises.nb10 import int4_absmax_roundtrip
+    from lora_ref.quant import dequantize_blockwise, int4_code, quantize_blockwise
+    g = torch.Generator().manual_seed(0)
+    for shape, bs in (((7, 13), 8), ((32, 16), 16), ((5, 5), 16)):
+        W = torch.randn(*shape, generator=g)
+        codes, absmax = quantize_blockwise(W, int4_code(), bs)
+        ours = dequantize_blockwise(codes, absmax, int4_code(), W.shape, bs)
+        assert torch.allclose(int4_absmax_roundtrip(W, bs), ours, atol=1e-6), (shape, bs)

@@ -85,7 +85,12 @@ def _run_pissa(fn, case: Case) -> dict[str, torch.Tensor]:
 
 
 def int4_absmax_roundtrip(W: torch.Tensor, blocksize: int = 16) -> torch.Tensor:
-    """A stand-in 4-bit quantiser in plain torch: blocks of ``blocksize``, levels absmax * k / 7, k in -7..7."""
+    """A stand-in 4-bit quantiser in plain torch: blocks of ``blocksize``, levels absmax * k / 7, k in -7..7.
+
+    A case input, not a reference: the learner's LoftQ gets it as its ``quantize`` argument. It is written
+    out here rather than taken from :mod:`lora_ref.quant` because the judge's harness must not import that
+    module (it holds notebook 05's references). It is ``dequantize_blockwise(*quantize_blockwise(W,
+    int4_code(), blocksize), ...)`` of lora_ref.quant: tests/test_loftq.py checks the two are equal."""
     flat = W.detach().float().reshape(-1)
     pad = (-flat.numel()) % blocksize
     blocks = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, blocksize)
