@@ -155,17 +155,19 @@ def _leaves(data, key=""):
 
 
 SETTINGS = {"r", "alpha", "batch", "seq", "blocksize", "reps", "index", "n", "jobs", "cpus", "cpu_count", "min_ms",
-            "max_ms", "submissions", "cell_timeout", "budget_seconds", "steps", "batch_size", "seed"}
+            "max_ms", "submissions", "cell_timeout", "budget_seconds", "steps", "batch_size", "seed", "students",
+            "notebooks", "workers", "workers_per_machine"}
 
 
 def committed_figures() -> list[tuple[str, str, float]]:
     """Every measured number of every result file. Anchors (other people's figures kept beside ours for the
-    ratios) and the run's settings are not measurements of this project."""
+    ratios), the run's settings and inputs copied from another result file (the cost model's per-notebook
+    seconds) are not measurements of that file."""
     out = []
     for path in sorted(RESULTS.glob("*.json")) + [ROOT / "benchmarks" / "grading_speed.json"]:
         if path.exists():
             for key, v in _leaves(json.loads(path.read_text())):
-                if not (re.search(r"(^|\.)(anchor|info|args|settings|shape|predicted_phases_gb)(\.|$)", key)
+                if not (re.search(r"(^|\.)(anchor|info|args|settings|shape|predicted_phases_gb|nbgrader_seconds_per_notebook)(\.|$)", key)
                         or key.rsplit(".", 1)[-1] in SETTINGS):
                     out.append((path.name, key, v))
     return out

@@ -56,3 +56,12 @@ def test_cost_model_by_hand(run):
     assert m["hours"]["100"] <= m["hours"]["10"]
     # the committed model is the one the README quotes
     assert run["cost_model"] == g.cost_model(run)
+
+
+def test_speed_paragraph_is_rendered_from_the_committed_run():
+    g = _bench()
+    text = (ROOT / "autograder" / "README.md").read_text()
+    assert g.SPEED_START in text and g.SPEED_END in text
+    block = text[text.index(g.SPEED_START):text.index(g.SPEED_END) + len(g.SPEED_END)]
+    assert block == g.speed_text(json.loads(g.SPEED_RESULT.read_text())), \
+        "README out of date: run `python benchmarks/grading_speed.py --readme`"
