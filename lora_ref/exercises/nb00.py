@@ -36,8 +36,9 @@ def _tiny_llama(seed: int, tie: bool) -> nn.Module:
                       num_hidden_layers=1 + seed % 2)
 
 
-def _cases() -> list[Case]:
-    return [
+def _cases(seed: int = 0) -> list[Case]:
+    # the judge passes a per-run secret seed (exercises.draw_cases): same structures, other sizes and weights
+    return [dict(c, seed=c["seed"] + seed) for c in [
         dict(model="shared_mlp", seed=0, trainable=r".*"),
         dict(model="shared_mlp", seed=1, trainable=r"^0\."),          # the shared block only
         dict(model="shared_mlp", seed=2, trainable=r"bias$"),
@@ -46,7 +47,7 @@ def _cases() -> list[Case]:
         dict(model="tiny_llama", seed=2, tie=False, trainable=r"lm_head|norm"),
         dict(model="tiny_llama", seed=3, tie=True, trainable=r"embed_tokens"),
         dict(model="tiny_llama", seed=4, tie=False, trainable=r"$^"),   # everything frozen
-    ]
+    ]]
 
 
 def _run(fn, case: Case) -> dict[str, torch.Tensor]:

@@ -26,13 +26,13 @@ def _weight(case: Case) -> torch.Tensor:
     return (torch.randn(*case["shape"], generator=g) * case["std"]).to(_DTYPES[case["dtype"]])
 
 
-def _dequant_cases() -> list[Case]:
-    rng = random.Random(606)
+def _dequant_cases(seed: int = 606) -> list[Case]:
+    rng = random.Random(seed)   # the judge passes a per-run secret seed (exercises.draw_cases)
     cases = []
     for i in range(12):
         shape = rng.choice([(rng.randint(1, 60), rng.randint(1, 200)), (rng.randint(1000, 9000),),
                             (rng.randint(20, 90), 64)])
-        cases.append(dict(seed=800 + i, shape=shape, dtype=("float32", "bfloat16", "float16")[i % 3],
+        cases.append(dict(seed=800 + i + 1000 * (seed - 606), shape=shape, dtype=("float32", "bfloat16", "float16")[i % 3],
                           std=rng.choice([0.02, 1.0]), quant_type=("nf4", "fp4")[(i // 3) % 2],
                           blocksize=rng.choice([32, 64, 128]), double_quant=i % 4 != 0,
                           dq_blocksize=rng.choice([16, 64, 256])))
@@ -47,11 +47,11 @@ def _run_dequant(fn, case: Case) -> dict[str, torch.Tensor]:
     return {"out_fp32": out, "out_default_dtype": default}
 
 
-def _linear_cases() -> list[Case]:
-    rng = random.Random(607)
+def _linear_cases(seed: int = 607) -> list[Case]:
+    rng = random.Random(seed)   # the judge passes a per-run secret seed (exercises.draw_cases)
     cases = []
     for i in range(8):
-        cases.append(dict(seed=900 + i, out_f=rng.choice([8, 33, 64]), in_f=rng.choice([16, 64, 96]),
+        cases.append(dict(seed=900 + i + 1000 * (seed - 607), out_f=rng.choice([8, 33, 64]), in_f=rng.choice([16, 64, 96]),
                           bias=("none", "frozen", "trainable")[i % 3], double_quant=bool(i % 2),
                           batch=rng.choice([(4,), (2, 3), (1, 2, 5)])))
     return cases
@@ -89,12 +89,12 @@ def _run_function(fn_cls, case: Case) -> dict[str, torch.Tensor]:
             "keeps_dense_weight": torch.tensor(keeps)}
 
 
-def _layer_cases() -> list[Case]:
-    rng = random.Random(608)
+def _layer_cases(seed: int = 608) -> list[Case]:
+    rng = random.Random(seed)   # the judge passes a per-run secret seed (exercises.draw_cases)
     cases = []
     for i in range(8):
         in_f, out_f = rng.choice([32, 64, 96]), rng.choice([16, 48, 64])
-        cases.append(dict(seed=1000 + i, in_f=in_f, out_f=out_f, r=rng.choice([1, 2, 4, 8]),
+        cases.append(dict(seed=1000 + i + 1000 * (seed - 608), in_f=in_f, out_f=out_f, r=rng.choice([1, 2, 4, 8]),
                           alpha=rng.choice([1.0, 8.0, 16.0]), bias=bool(i % 2), double_quant=i % 3 != 0,
                           batch=rng.choice([(3,), (2, 4)])))
     return cases

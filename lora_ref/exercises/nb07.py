@@ -40,11 +40,11 @@ def _run_merge(fn, case: Case) -> dict[str, torch.Tensor]:
     return {"merged": fn(W, A, B, case["scaling"], sign=case["sign"])}
 
 
-def _delta_cases() -> list[Case]:
-    rng = random.Random(707)
+def _delta_cases(seed: int = 707) -> list[Case]:
+    rng = random.Random(seed)   # the judge passes a per-run secret seed (exercises.draw_cases)
     out = []
     for i in range(10):
-        out.append(dict(seed=70700 + i, b=rng.randint(1, 6), t=rng.choice([None, 1, 3, 5]),
+        out.append(dict(seed=70700 + i + 1000 * (seed - 707), b=rng.randint(1, 6), t=rng.choice([None, 1, 3, 5]),
                         n=rng.randint(1, 4), r=rng.randint(1, 6), in_f=rng.randint(2, 24), out_f=rng.randint(2, 24)))
     return out
 
@@ -62,8 +62,8 @@ def _run_delta(fn, case: Case) -> dict[str, torch.Tensor]:
 
 
 register(Exercise("07.merged_weight", "merged_weight", merged_weight,
-                  lambda: _merge_cases(7100, ["float32", "float64"], 8), _run_merge, atol=1e-5, rtol=1e-5))
+                  lambda seed=7100: _merge_cases(seed, ["float32", "float64"], 8), _run_merge, atol=1e-5, rtol=1e-5))
 register(Exercise("07.merged_weight_half", "merged_weight", merged_weight,
-                  lambda: _merge_cases(7200, ["bfloat16", "float16"], 8), _run_merge, atol=1e-3, rtol=1e-2))
+                  lambda seed=7200: _merge_cases(seed, ["bfloat16", "float16"], 8), _run_merge, atol=1e-3, rtol=1e-2))
 register(Exercise("07.batched_lora_delta", "batched_lora_delta", batched_lora_delta, _delta_cases, _run_delta,
                   atol=1e-4, rtol=1e-4))
