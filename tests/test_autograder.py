@@ -407,6 +407,24 @@ def test_judge_blocks_the_reference_and_survives_a_crash(tmp_path):
     assert "skipped" in info["log"]["cells"]["scaled_linear"]
 
 
+def test_judge_ignores_a_forked_twin_of_the_harness(tmp_path):
+    """A child forked by learner code past the audit hook (ctypes' fork) whose exec is refused goes on as a
+    copy of the harness; its frames must not reach the worker (they raced ours: flaky verdicts)."""
+    cells = dict(GOOD)
+    cells["scaled_linear"] = GOOD["scaled_linear"] + textwrap.dedent("""
+        import ctypes, os, sys
+        if ctypes.CDLL(None).fork() == 0:
+            try:
+                os.execv(sys.executable, [sys.executable, "-c", "pass"])
+            except BaseException:
+                pass          # refused: this child now runs the harness's loop too
+    """)
+    for _ in range(3):
+        verdict, info = _judge(tmp_path, cells)
+        assert verdict == {"99.lora_delta": True, "99.scaled_linear": True}, info["log"]["cells"]
+        assert not info["deaths"], info["deaths"]
+
+
 def test_judge_times_out_an_infinite_loop(tmp_path):
     cells = dict(GOOD)
     cells["scaled_linear"] = GOOD["scaled_linear"] + "\nwhile True:\n    try:\n        pass\n    except Exception:\n        pass"
