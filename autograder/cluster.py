@@ -153,6 +153,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def payload(job: Job, course_root: Path, source: Path, gradebook: bytes, needs_model: bool, wall: int) -> dict:
     from autograder import grade as grade_mod
+    from autograder.course import EXTRA_EXERCISES
     a, s = job.assignment, job.student
     return {
         "job": dataclasses.asdict(job),
@@ -162,7 +163,7 @@ def payload(job: Job, course_root: Path, source: Path, gradebook: bytes, needs_m
         "reference": Path(job.reference).read_bytes(),
         "submitted": (course_root / "submitted" / s / a / f"{a}.ipynb").read_bytes(),
         "fonts": {p.name: p.read_bytes() for p in (course_root / "mplcache").glob("fontlist*.json")},
-        "env": {k: v for k, v in os.environ.items() if k == "LORA_REF_EXTRA_EXERCISES"},
+        "env": {k: v for k, v in os.environ.items() if k == EXTRA_EXERCISES},
         "code": grade_mod.grader_digest(),
         "checkout": [socket.gethostname(), str(grade_mod.ROOT)],
         "needs_model": needs_model,

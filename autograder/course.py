@@ -20,6 +20,19 @@ from pathlib import Path
 
 import nbformat
 
+EXTRA_EXERCISES = "AUTOGRADER_EXTRA_EXERCISES"
+
+
+def register_extra_exercises() -> None:
+    """Import the modules named in ``AUTOGRADER_EXTRA_EXERCISES`` (comma-separated): exercises beyond the
+    course's register themselves on import (the self-test assignment's, :mod:`autograder.selftest_exercises`,
+    for the autograder's own tests). Every process of a grading run that looks exercises up calls it: the
+    grading run, the worker and the kernel; the judge's harness imports each exercise's module by name."""
+    import importlib
+    import os
+    for name in filter(None, (n.strip() for n in os.environ.get(EXTRA_EXERCISES, "").split(","))):
+        importlib.import_module(name)
+
 CHECK_RE = re.compile(r"""\bcheck\(\s*(?:exercise_id\s*=\s*)?["']([\w.\-]+)["']""")
 
 

@@ -324,6 +324,8 @@ def grade(opts: Options) -> list[dict]:
     """Grade ``opts.submissions``; return every result of the output folder (dicts, as written)."""
     from autograder import judge, reports
 
+    course_mod.register_extra_exercises()
+
     if opts.submissions is not None and not Path(opts.submissions).exists():
         raise UsageError(f"submissions path {opts.submissions} does not exist")
     names = course_mod.list_assignments(opts.source)

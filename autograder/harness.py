@@ -161,25 +161,23 @@ class Firewall(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
-def load_drivers(modules: list[str], allowed: list[str] = (), unsealed: list[str] = ()) -> dict:
+def load_drivers(modules: list[str], allowed: list[str] = ()) -> dict:
     """Import the exercise modules behind the firewall; return {exercise id: (symbol, run)}; drop everything
     else the registry held, and every name of a loaded lora_ref module bound to an exercise's reference
-    (a reference defined in an exercise module itself is then gone too). ``unsealed`` modules (an
-    exercise's inputs are their objects, ``Exercise.unsealed``) load for real and keep their names."""
-    sys.meta_path.insert(0, Firewall(tuple(allowed) + tuple(unsealed)))
+    (a reference defined in an exercise module itself is then gone too)."""
+    sys.meta_path.insert(0, Firewall(tuple(allowed)))
     for name in [m for m in sys.modules if m.split(".")[0] == "lora_ref"]:
         del sys.modules[name]
     import lora_ref.exercises as exercises
     exercises.REGISTRY.clear()
     exercises.GIVEN_ONLY = True           # lora_ref.exercises.given must find every input in the case
-    for m in [*allowed, *unsealed, *modules]:    # now: lora_ref's folder is hidden once learner code runs
+    for m in [*allowed, *modules]:    # now: lora_ref's folder is hidden once learner code runs
         importlib.import_module(m)
     drivers = {ex.id: (ex.symbol, ex.run) for ex in exercises.REGISTRY.values()}
     refs = [ex.reference for ex in exercises.REGISTRY.values() if not isinstance(ex.reference, Sealed)]
     exercises.REGISTRY.clear()
     for name, mod in list(sys.modules.items()):
-        if ((name.split(".")[0] == "lora_ref" or name in modules) and not isinstance(mod, Sealed)
-                and name not in unsealed):
+        if (name.split(".")[0] == "lora_ref" or name in modules) and not isinstance(mod, Sealed):
             for attr, value in list(vars(mod).items()):
                 if any(value is r for r in refs):
                     delattr(mod, attr)
@@ -322,7 +320,7 @@ def main() -> None:
     from safetensors.torch import load, save
     torch.set_num_threads(1)
     case_tensors = load(blob) if blob else {}
-    drivers = load_drivers(job["modules"], job.get("allowed", []), job.get("unsealed", []))
+    drivers = load_drivers(job["modules"], job.get("allowed", []))
     cases = {ex_id: [decode_case(c, case_tensors) for c in cs] for ex_id, cs in job["cases"].items()}
     del case_tensors, blob
     plan = sandbox.Plan(**job["plan"])

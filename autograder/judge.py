@@ -15,6 +15,14 @@ repeats every such check where the learner's code cannot reach the cases' answer
 3. **Compare** (:func:`verdicts`, in the worker): ``lora_ref.exercises.compare`` on the learner's outputs
    and the reference outputs, case by case (shape, dtype, values). An exercise passes when every case matches.
 
+What the judge relies on from ``lora_ref.exercises`` (see its ``Exercise``): cases are seeded plain values,
+``run`` makes its own inputs; the learner's symbol is defined by the notebook's answer cells alone, with
+``torch, nn, F, math, np`` predefined (answer cells are replayed without the rest of the notebook and
+without lora_ref importable); a test cell is judged on the exercises of the ``check("NN.name", ...)``
+calls in its source, whose ids must be string literals (:func:`autograder.course.check_calls`).
+Exercises beyond the course's (the self-test assignment's) come from
+:func:`autograder.course.register_extra_exercises`.
+
 The safetensors keys are ``"out|<exercise id>|<case>|<output>"`` (reference outputs) and
 ``"<exercise id>|<case>#<n>"`` (case inputs); the cases themselves are in the file's metadata.
 """
@@ -65,7 +73,8 @@ def reference_outputs(exercise_ids: list[str], path: Path, secret: int | None = 
         except Exception as exc:  # noqa: BLE001
             errors[ex_id] = _first_line(exc)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"cases": json.dumps(cases)})
+    # the harness's allowed modules need every notebook's exercises imported: worked out once per run, here
+    save_file(tensors, str(path), metadata={"cases": json.dumps(cases), "allowed": json.dumps(harmless_modules())})
     return errors
 
 
@@ -93,11 +102,12 @@ def _repository() -> Path:
 
 def judge_plan(work: Path, hidden: list[str]) -> sandbox.Plan:
     """The harness sees its work folder (writable) and the Python installation; the grading folder, the
-    instructor's notebooks, the submissions, the repository and the reference package are hidden."""
+    instructor's notebooks, the submissions, the repository with the reference package, and
+    :data:`~autograder.sandbox.PRIVATE_ROOTS` are hidden."""
     repo = str(_repository())
-    expose = [p for p in {sys.prefix, sys.base_prefix, str(Path(sys.executable).resolve().parents[1])}
-              if p.startswith(repo + "/")]
-    return sandbox.Plan(writable=[str(work)], hidden=list(hidden) + [repo], expose=expose, cwd=str(work))
+    expose = [p for p in sandbox.python_paths() if p != repo]
+    return sandbox.Plan(writable=[str(work)], hidden=[*hidden, repo, *sandbox.PRIVATE_ROOTS], expose=expose,
+                        cwd=str(work))
 
 
 def run_judge(answers: list[dict], exercise_ids: list[str], reference: Path, judge_dir: Path, *,
@@ -115,9 +125,10 @@ def run_judge(answers: list[dict], exercise_ids: list[str], reference: Path, jud
     patched: set[str] = set()
     cases, inputs, _ = load_reference(reference)
     cases = {k: v for k, v in cases.items() if k in exercise_ids}
+    allowed = _allowed_modules(reference)
     log: dict = {}
     for _ in range(MAX_CRASHES + 1):
-        log, died = _judge_once(answers, cases, inputs, judge_dir, limits, cell_timeout, judge_timeout,
+        log, died = _judge_once(answers, cases, inputs, allowed, judge_dir, limits, cell_timeout, judge_timeout,
                                 hidden, isolated, skip_cells, skip_cases)
         patched |= set(log.get("patched", []))          # evidence from attempts that died is kept
         log["patched"] = sorted(patched)
@@ -134,7 +145,15 @@ def run_judge(answers: list[dict], exercise_ids: list[str], reference: Path, jud
     return log, deaths
 
 
-def _judge_once(answers, cases, inputs, judge_dir: Path, limits: Limits, cell_timeout, judge_timeout, hidden,
+def _allowed_modules(reference: Path) -> list[str]:
+    """:func:`harmless_modules` as the grading run saved it beside the cases (else worked out here)."""
+    from safetensors import safe_open
+    with safe_open(str(reference), framework="pt") as f:
+        saved = (f.metadata() or {}).get("allowed")
+    return json.loads(saved) if saved else harmless_modules()
+
+
+def _judge_once(answers, cases, inputs, allowed, judge_dir: Path, limits: Limits, cell_timeout, judge_timeout, hidden,
                 isolated, skip_cells, skip_cases) -> tuple[dict, str]:
     from safetensors.torch import load, save
 
@@ -143,7 +162,7 @@ def _judge_once(answers, cases, inputs, judge_dir: Path, limits: Limits, cell_ti
     work.mkdir(parents=True, exist_ok=True)
     modules = sorted({_module_of(ex_id) for ex_id in cases})
     header = {"plan": judge_plan(work, hidden).__dict__, "limits": limits.__dict__, "modules": modules,
-              "allowed": harmless_modules(), "unsealed": sorted({m for ex_id in cases for m in _unsealed(ex_id)}),
+              "allowed": allowed,
               "cases": cases, "answer_cells": answers, "cell_timeout": cell_timeout, "case_timeout": cell_timeout,
               "skip_cells": skip_cells, "skip_cases": skip_cases}
     blob = save(inputs) if inputs else b""
@@ -280,11 +299,6 @@ def harmless_modules() -> list[str]:
         if not any(any(v is ex.reference for ex in exercises.REGISTRY.values()) for v in vars(module).values()):
             harmless.append(name)
     return harmless
-
-
-def _unsealed(ex_id: str) -> tuple[str, ...]:
-    import lora_ref.exercises as exercises
-    return tuple(exercises.get(ex_id).unsealed)
 
 
 def _module_of(ex_id: str) -> str:

@@ -56,6 +56,11 @@ def kernel_containment(kernel: Path) -> Path:
     return Path(kernel) / "containment.json"
 
 
+def kernel_startup_error(kernel: Path) -> Path:
+    """Why the kernel process failed before ipykernel started (its stderr is /dev/null by then)."""
+    return Path(kernel) / "startup_error.txt"
+
+
 def judge_dir(scratch: Path) -> Path:
     return Path(scratch) / "judge"
 

@@ -17,7 +17,7 @@ infinite_loop      ``while True: pass`` in the last answer cell
 memory_bomb        allocates until the memory limit stops it
 crash_exit         ``os._exit(1)`` in the last answer cell
 segfault           reads address 0 through ctypes
-huge_output        prints about 50 MB
+huge_output        prints about 50 MB and displays 50 MB of HTML
 write_outside      writes to /tmp and next to the course folder
 invalid_json       the file cut in half
 nbformat3          saved as nbformat 3
@@ -126,7 +126,9 @@ def _append(cell, code: str) -> None:
 def cheat_reference(nb, assignment: str) -> None:
     """Each answer cell imports the reference objects of the exercises it should define."""
     import lora_ref.exercises as exercises
+    from autograder.course import register_extra_exercises
     exercises.load_all()
+    register_extra_exercises()
     symbols = {}
     for ex in exercises.REGISTRY.values():
         ref = ex.reference
@@ -190,7 +192,9 @@ def write_assignment_samples(dest: Path, a: str, student_nb, solution_nb) -> Non
             "_hoard = []\nfor _ in range(64):\n    _hoard.append(bytearray(512 * 1024 * 1024))"))
     variant("crash_exit", lambda nb: _append(answers(nb)[-1], "import os\nos._exit(1)"))
     variant("segfault", lambda nb: _append(answers(nb)[-1], "import ctypes\nctypes.string_at(0)"))
-    variant("huge_output", lambda nb: _append(answers(nb)[-1], "for _ in range(500_000):\n    print('x' * 100)"))
+    variant("huge_output", lambda nb: _append(answers(nb)[-1], "for _ in range(500_000):\n    print('x' * 100)\n"
+                                                    "from IPython.display import HTML, display\n"
+                                                    "for _ in range(50):\n    display(HTML('y' * 1_000_000))"))
     variant("write_outside", lambda nb: _append(answers(nb)[-1],
             "import os\nfor _p in ['/tmp/autograder_escape.txt', os.path.abspath('../../../escape.txt')]:\n"
             "    try:\n        open(_p, 'w').write('escaped')\n    except OSError as _e:\n        print('blocked:', _e)"))

@@ -14,9 +14,11 @@ through :func:`command`, which puts them in fresh namespaces in one ``unshare`` 
 
   1. covers every folder of :attr:`Plan.hidden` (the grading output folder with its gradebook, reference
      outputs, autograded copies, other submissions' scratch; the instructor's notebooks; the
-     submissions; for the judge also the repository and the reference package) with an empty tmpfs,
-     then binds back the few folders of :attr:`Plan.expose` that the process needs (its own scratch,
-     read-only caches, the virtual environment);
+     submissions; :data:`PRIVATE_ROOTS`, ``/tmp`` and the home folders; for the judge also the repository
+     and the reference package) with an empty tmpfs, and binds back the few folders of
+     :attr:`Plan.expose` that the process needs (its own scratch, read-only caches, the Python
+     installation), shortest path first so that either may lie inside the other; the symlinks of
+     :attr:`Plan.links` (the kernel's short socket path in ``/tmp``) are made again inside the covers;
   2. remounts every mount read-only except the folders of :attr:`Plan.writable`;
   3. enters a second, nested user + mount namespace, in which the kernel locks every mount (``MNT_LOCKED``:
      a process that is root there cannot unmount a cover or remount a read-only mount writable), and
@@ -76,6 +78,7 @@ class Plan:
     hidden: list[str] = field(default_factory=list)
     expose: list[str] = field(default_factory=list)
     cwd: str = ""
+    links: dict[str, str] = field(default_factory=dict)   # symlink -> target, recreated inside a cover
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -176,36 +179,76 @@ def _new_userns(libc) -> None:
     """unshare a user + mount namespace mapping our uid and gid to themselves (0 inside -> 0)."""
     uid, gid = os.getuid(), os.getgid()
     if libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:
-        raise OSError(ctypes.get_errno(), f"unshare: {os.strerror(ctypes.get_errno())}")
+        err = ctypes.get_errno()
+        threads = len(os.listdir("/proc/self/task"))
+        why = (f" (this process has {threads} threads; a new user namespace needs a single-threaded one: "
+               "enter the sandbox before importing torch)") if err == 22 and threads > 1 else ""
+        raise OSError(err, f"unshare: {os.strerror(err)}{why}")
     _write("/proc/self/setgroups", "deny")
     _write("/proc/self/uid_map", f"{uid} {uid} 1")
     _write("/proc/self/gid_map", f"{gid} {gid} 1")
 
 
+PRIVATE_ROOTS = ("/tmp", "/var/tmp", "/home", "/root")
+"""Folders every sandbox sees empty but for what its plan exposes: other users' and the grader's own files
+(a classmate's kernel socket link, the instructor's home with the course, pytest's temporary folders)."""
+
+
+def python_paths() -> list[str]:
+    """The Python installation a sandboxed interpreter needs: prefixes, its executable's folder, site dirs
+    (also the user's, ``~/.local``: with :data:`PRIVATE_ROOTS` hidden they must be exposed by name)."""
+    import site
+    paths = [sys.prefix, sys.base_prefix, str(Path(sys.executable).resolve().parents[1]),
+             *site.getsitepackages(), site.getusersitepackages()]
+    return [p for p in dict.fromkeys(str(Path(p).resolve()) for p in paths) if os.path.isdir(p)]
+
+
+def _enclosing(path: str, done: list[tuple[str, str]]) -> str | None:
+    """'cover' or 'expose': the kind of the deepest mount of ``done`` that ``path`` is inside."""
+    best = None
+    for kind, where in done:
+        if _inside(path, where) and (best is None or len(where) >= len(best[1])):
+            best = (kind, where)
+    return best[0] if best else None
+
+
 def build_mounts(plan: Plan, report: Report) -> None:
-    """Steps 1-3 of the module docstring, in the mount namespace ``unshare`` gave this process."""
+    """Steps 1-3 of the module docstring, in the mount namespace ``unshare`` gave this process.
+
+    Covers and exposures are mounted shortest path first, so that they nest either way: a hidden folder
+    inside an exposed one is covered again (the grading folder inside a course that lives in ``/home``),
+    an exposed folder inside a cover is bound back (the submission's scratch folder inside ``/tmp``)."""
     libc = _libc()
     keep = [str(Path(p).resolve()) for p in plan.writable]
     show = [str(Path(p).resolve()) for p in plan.expose] + keep
     show = [p for p in dict.fromkeys(show) if os.path.isdir(p)]
     fds = {p: os.open(p, O_PATH | os.O_DIRECTORY) for p in show}     # reach them once they are covered
-    hidden = sorted({str(Path(p).resolve()) for p in plan.hidden if os.path.isdir(p)}, key=len)
-    covers = []
-    for folder in hidden:
-        if any(_inside(folder, c) for c in covers) or folder in show:
-            continue              # already covered (or needed: then it is exposed, not hidden)
-        _mount(libc, b"tmpfs", folder, MS_NOSUID | MS_NODEV, b"tmpfs", b"size=64k,mode=755")
-        covers.append(folder)
-        report.hidden.append(folder)
-    for path in sorted(show, key=len):
-        if any(_inside(path, c) for c in covers):
-            os.makedirs(path, exist_ok=True)                            # a mount point inside the cover
+    hidden = [h for h in dict.fromkeys(str(Path(p).resolve()) for p in plan.hidden) if os.path.isdir(h)]
+    steps = sorted([("cover", h) for h in hidden if h not in show] + [("expose", p) for p in show],
+                   key=lambda step: (len(step[1]), step[0]))
+    done: list[tuple[str, str]] = []
+    for kind, path in steps:
+        around = _enclosing(path, done)
+        if kind == "cover":
+            if around == "cover":
+                continue                                  # already out of sight
+            _mount(libc, b"tmpfs", path, MS_NOSUID | MS_NODEV, b"tmpfs", b"size=64k,mode=755")
+            report.hidden.append(path)
+        elif around == "cover":
+            os.makedirs(path, exist_ok=True)              # a mount point inside the cover
             _mount(libc, f"/proc/self/fd/{fds[path]}", path, MS_BIND | MS_REC)
             report.exposed.append(path)
         elif path in keep:
-            _mount(libc, path, path, MS_BIND | MS_REC)                 # its own mount, so it stays writable
+            _mount(libc, path, path, MS_BIND | MS_REC)    # its own mount, so it stays writable
+        else:
+            continue
+        done.append((kind, path))
     for fd in fds.values():
         os.close(fd)
+    for link, target in plan.links.items():
+        if _enclosing(str(Path(link).parent), done) == "cover":    # else the host's own link is visible
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            os.symlink(target, link)
     for target, options in _mount_points():
         if target in keep or _inside(target, "/proc"):
             continue      # /proc: this PID namespace's own (``--mount-proc``); the uid map is written there

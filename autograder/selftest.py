@@ -2,8 +2,9 @@
 
 ``SOURCE`` is a percent-format notebook source (see tools/build_notebooks.py) for an assignment
 ``99_selftest``; its exercises ``99.lora_delta`` and ``99.scaled_linear`` are registered by
-:mod:`autograder.selftest_exercises`, which :mod:`lora_ref.exercises` imports when the environment variable
-``LORA_REF_EXTRA_EXERCISES`` names it (tests set it; a real grading run does not).
+:mod:`autograder.selftest_exercises`, which the grading run's processes import when the environment variable
+``AUTOGRADER_EXTRA_EXERCISES`` names it (:func:`autograder.course.register_extra_exercises`; tests set it,
+a real grading run does not).
 :func:`build_course` writes the instructor notebook into a temporary course folder.
 """
 from __future__ import annotations

@@ -125,24 +125,30 @@ def _config(job: Job, sockets: Path | None = None):
     return cfg
 
 
-def kernel_plan(job: Job) -> sandbox.Plan:
-    """The kernel sees its own sandbox folder (writable; its working folder is in it) and the read-only
-    caches; the grading folder (gradebook, autograded copies, other submissions, reference outputs), the
-    instructor's notebooks and the submissions are hidden. The repository stays visible: hidden tests
-    import lora_ref in the kernel (the judge, not the kernel, decides what counts)."""
+def kernel_plan(job: Job, sockets: Path | None = None) -> sandbox.Plan:
+    """The kernel sees its own sandbox folder (writable; its working folder is in it), the read-only
+    caches, the Python installation and the repository (hidden tests import lora_ref in the kernel: the
+    judge, not the kernel, decides what counts). Hidden: the grading folder (gradebook, autograded copies,
+    other submissions, reference outputs), the instructor's notebooks, the submissions, and
+    :data:`~autograder.sandbox.PRIVATE_ROOTS` (``/tmp``, ``/home``, ...: other kernels' socket links, the
+    grader's home). ``sockets``, the kernel's short socket link (:func:`kernel_socket_link`), is made again
+    inside the ``/tmp`` cover."""
     kernel = layout.kernel_dir(Path(job.scratch))
-    expose = [p for p in (job.mpl_cache, job.model_cache) if p]
-    return sandbox.Plan(writable=[str(kernel)], hidden=[job.out, job.source_dir, *job.hidden], expose=expose,
-                        cwd=str(kernel / "work"))
+    repo = str(Path(__file__).resolve().parents[1])
+    expose = [p for p in (job.mpl_cache, job.model_cache) if p] + sandbox.python_paths() + [repo]
+    links = {str(sockets): str(kernel / "runtime")} if sockets else {}
+    return sandbox.Plan(writable=[str(kernel)], hidden=[job.out, job.source_dir, *job.hidden, *sandbox.PRIVATE_ROOTS],
+                        expose=expose, cwd=str(kernel / "work"), links=links)
 
 
-def _env(job: Job) -> None:
+def _env(job: Job, sockets: Path | None = None) -> None:
     """Environment inherited by the kernel: its sandbox plan, where it may write, its limits, quiet caches."""
     kernel = layout.kernel_dir(Path(job.scratch))
     for sub in layout.KERNEL_SUBDIRS:
         (kernel / sub).mkdir(parents=True, exist_ok=True)
+    layout.kernel_startup_error(kernel).unlink(missing_ok=True)
     os.environ.update({
-        "AUTOGRADER_SCRATCH": str(kernel), "AUTOGRADER_PLAN": kernel_plan(job).to_env(),
+        "AUTOGRADER_SCRATCH": str(kernel), "AUTOGRADER_PLAN": kernel_plan(job, sockets).to_env(),
         "AUTOGRADER_ISOLATION": sandbox.NAMESPACES if job.isolation == sandbox.NAMESPACES else "none",
         "HOME": str(kernel / "home"), "TMPDIR": str(kernel / "tmp"),
         "IPYTHONDIR": str(kernel / "ipython"), "MPLCONFIGDIR": job.mpl_cache or str(kernel / "mpl"),
@@ -222,6 +228,9 @@ def stage_autograde(job: Job, result: Result, cfg, settle=lambda: None) -> bool:
     result.status = "error"
     tail = [l for l in log.splitlines() if "Error" in l or "error" in l][-3:]
     result.notes.append("nbgrader could not grade this notebook" + (": " + " | ".join(t.strip()[:200] for t in tail) if tail else ""))
+    startup = layout.read_small(layout.kernel_startup_error(kernel), 2000).strip()
+    if startup:            # a grader-side failure (the sandbox could not be built), not the learner's
+        result.notes.append(f"the grading kernel failed to start: {startup}")
     return False
 
 
@@ -413,14 +422,13 @@ def grade(job: Job) -> Result:
     submitted = Path(job.course_root) / "submitted" / job.student / job.assignment / f"{job.assignment}.ipynb"
     result = Result(student=job.student, assignment=job.assignment, original=job.original, notes=list(job.notes),
                     max_score=job.max_score, containment=job.isolation)
-    _env(job)
-    nb = nbformat.read(str(submitted), as_version=4)
-    answers = answer_cells(nb)
-    judge = _JudgeThread(job, result, answers)
-    sockets = None
+    judge, sockets = None, None
     try:
-        judge.start()
         sockets = kernel_socket_link(job)
+        _env(job, sockets)
+        answers = answer_cells(nbformat.read(str(submitted), as_version=4))
+        judge = _JudgeThread(job, result, answers)
+        judge.start()
         cfg = _config(job, sockets)
         t1 = time.time()
         ok = stage_autograde(job, result, cfg, settle=judge.settle)
@@ -433,7 +441,7 @@ def grade(job: Job) -> Result:
         if ok:
             stage_feedback(job, result, cfg)
     finally:
-        if judge.ident is not None:
+        if judge is not None and judge.ident is not None:
             judge.join()
         kill_children()
         if sockets is not None:
@@ -473,6 +481,8 @@ class _JudgeThread(threading.Thread):
 
 
 def main() -> None:
+    from autograder.course import register_extra_exercises
+    register_extra_exercises()
     job = Job.read(Path(sys.argv[1]))
     try:
         result = grade(job)

@@ -78,7 +78,13 @@ def world(tmp_path_factory):
     listener = Listener()
     sentinel = subprocess.Popen(["sleep", "3000"], start_new_session=True)
     marker = f"ADVERSARIAL-{os.getpid()}-{time.time_ns()}"
-    yield dict(listener=listener, sentinel=sentinel, marker=marker)
+    # the grader's own private files, outside every folder the grading run knows of: /tmp and its home
+    private = [Path("/tmp") / f"{marker}.secret", Path.home() / f".{marker}.secret"]
+    for path in private:
+        path.write_text("the grader's secret")
+    yield dict(listener=listener, sentinel=sentinel, marker=marker, private=private)
+    for path in private:
+        path.unlink(missing_ok=True)
     for pid in survivors(marker):
         os.kill(pid, signal.SIGKILL)
     sentinel.kill()
@@ -86,7 +92,8 @@ def world(tmp_path_factory):
 
 def _ctx(world, secret_paths: list[Path]) -> dict:
     return dict(outside_pids=[world["sentinel"].pid, os.getpid(), os.getppid()], sentinel=world["sentinel"].pid,
-                marker=world["marker"], port=world["listener"].port, secret_paths=[str(p) for p in secret_paths])
+                marker=world["marker"], port=world["listener"].port,
+                secret_paths=[str(p) for p in [*secret_paths, *world["private"]]])
 
 
 # -- the judge alone --------------------------------------------------------------------------------------------
@@ -230,3 +237,25 @@ def test_batch_hidden_tests_do_not_reach_feedback(batch):
     assert "check(" not in html and "BEGIN HIDDEN" not in html, html[:2000]
     assert r["hidden_leaks"] and r["audit"]["flag"] == "integrity", "the leak must be detected and flagged"
     assert r["score"] == r["max_score"], "the probe's answers are right; withholding feedback costs no points"
+
+
+def test_judge_of_06_holds_no_reference(tmp_path):
+    """Notebook 06's base layer is lora_ref's Linear4bit, whose module also holds 06's references
+    (QLoRALinear, Dequantize4bitLinear): the judge used to load it beside learner code, and ``steal`` found
+    them there. It now builds the case's base from the grader's tensors (nb06.GivenLinear4bit)."""
+    from autograder import judge
+    from autograder.contracts import Limits
+    from autograder.course import load_assignment
+
+    A = "06_qlora_on_a_gpu"
+    a = load_assignment(ROOT / "solutions", A)
+    ref = tmp_path / "reference" / f"{A}.safetensors"
+    assert judge.reference_outputs(a.exercise_ids, ref, secret=int.from_bytes(os.urandom(7), "little")) == {}
+    nb = nbformat.read(str(ROOT / "notebooks" / A / f"{A}.ipynb"), as_version=4)
+    adversarial.steal(nb, A)
+    log, _ = judge.run_judge(adversarial.answer_cells(nb), a.exercise_ids, ref, tmp_path / "scratch" / "judge",
+                             limits=Limits(memory_mb=3072), cell_timeout=60, judge_timeout=300, hidden=[str(tmp_path)])
+    verdicts = judge.verdicts(a.exercise_ids, log, ref)
+    assert log["containment"] == "namespaces"
+    assert "06.qlora_linear" in verdicts
+    assert not any(v.passed for v in verdicts.values()), {k: v.passed for k, v in verdicts.items()}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -24,7 +25,9 @@ PY = sys.executable
 def selftest_exercises(monkeypatch):
     """Register the self-test exercises for this test (and its subprocesses) only."""
     import lora_ref.exercises as exercises
-    monkeypatch.setenv("LORA_REF_EXTRA_EXERCISES", EXTRA)
+    from autograder.course import register_extra_exercises
+    monkeypatch.setenv("AUTOGRADER_EXTRA_EXERCISES", EXTRA)
+    register_extra_exercises()
     yield
     for key in [k for k in exercises.REGISTRY if k.startswith("99.")]:
         del exercises.REGISTRY[key]
@@ -190,13 +193,13 @@ def test_summary_counts_failures_and_most_common_error():
 
 # -- sandbox -----------------------------------------------------------------------------------------------------------
 
-def _sandboxed(tmp_path, code: str, memory_mb: int = 2048, hidden=(), expose=()) -> subprocess.CompletedProcess:
+def _sandboxed(tmp_path, code: str, memory_mb: int = 2048, hidden=(), expose=(), links=None) -> subprocess.CompletedProcess:
     """Run ``code`` after sandbox.enter, in the namespaces sandbox.command gives (as the kernel and judge run)."""
     from autograder import sandbox
     box = tmp_path / "box"
     box.mkdir()
     plan = sandbox.Plan(writable=[str(box)], hidden=[str(p) for p in hidden], expose=[str(p) for p in expose],
-                        cwd=str(box))
+                        cwd=str(box), links=dict(links or {}))
     prog = textwrap.dedent(f"""
         import json, sys
         from pathlib import Path
@@ -251,6 +254,47 @@ def test_sandbox_hides_folders_and_exposes_only_what_is_asked(tmp_path):
     assert "CACHE cache" in proc.stdout and "SEEN" not in proc.stdout.replace("UNSEEN", "")
     assert "READONLY" in proc.stdout, "an exposed folder that is not writable must be read-only"
     assert (out / "gradebook.db").read_text() == "secret"
+
+
+def test_sandbox_nests_covers_and_exposures_and_hides_private_roots(tmp_path):
+    """The course may live in /home and the grading folder in /tmp: a folder hidden inside an exposed one
+    is covered again, one exposed inside a cover is bound back, /tmp and the grader's home are empty but
+    for that, the Python installation still imports, and a planned link is made inside the /tmp cover."""
+    import secrets as _secrets
+    from autograder import sandbox
+    course = tmp_path / "course"
+    (course / "grading" / "scratch" / "mine").mkdir(parents=True)
+    (course / "grading" / "gradebook.db").write_text("secret")
+    (course / "grading" / "scratch" / "mine" / "ok.txt").write_text("mine")
+    (course / "notes.txt").write_text("course")
+    token = _secrets.token_hex(6)
+    private = [Path("/tmp") / f"autograder-test-{token}", Path.home() / f".autograder-test-{token}"]
+    link = Path("/tmp") / f"autograder-link-{token}"
+    for path in private:
+        path.write_text("private")
+    try:
+        proc = _sandboxed(tmp_path, f"""
+            import os, numpy
+            print("PRIVATE", [os.path.exists(p) for p in {[str(p) for p in private]!r}])
+            print("COURSE", open({str(course / "notes.txt")!r}).read())
+            print("GRADING", os.listdir({str(course / "grading")!r}))
+            print("MINE", open({str(course / "grading" / "scratch" / "mine" / "ok.txt")!r}).read())
+            print("LINK", open({str(link / "ok.txt")!r}).read())
+            print("TMP", os.listdir("/tmp"))
+        """, hidden=[*sandbox.PRIVATE_ROOTS, course / "grading"],
+            expose=[*sandbox.python_paths(), Path(__file__).resolve().parents[1], course, course / "grading" / "scratch" / "mine"],
+            links={str(link): str(course / "grading" / "scratch" / "mine")})
+    finally:
+        for path in private:
+            path.unlink()
+    out = proc.stdout
+    assert '"isolation": "namespaces"' in out, out + proc.stderr
+    assert "PRIVATE [False, False]" in out, out + proc.stderr
+    for needle in ("COURSE course", "GRADING ['scratch']", "MINE mine", "LINK mine"):
+        assert needle in out, (needle, out, proc.stderr)
+    tmp_seen = eval(out.split("TMP ")[1].splitlines()[0])
+    assert f"autograder-test-{token}" not in tmp_seen and f"autograder-link-{token}" in tmp_seen
+    assert not link.exists(), "the link was made in the sandbox's cover, not on the host"
 
 
 def test_sandbox_namespaces_are_locked_and_isolated(tmp_path):
@@ -431,3 +475,121 @@ def test_judge_times_out_an_infinite_loop(tmp_path):
     verdict, info = _judge(tmp_path, cells)
     assert verdict == {"99.lora_delta": True, "99.scaled_linear": True}   # the class was defined before the loop
     assert info["log"]["cells"]["scaled_linear"].startswith("CellTimeout")
+
+
+def test_kernel_caps_rich_outputs_of_a_cell():
+    """display() in a loop and a huge cell result stop at the cap; one line says so; the next cell starts afresh."""
+    from autograder.kernel import CappedDisplay
+
+    class Sink:
+        def __init__(self):
+            self.sent = []
+
+        def publish(self, data, metadata=None, **kw):
+            self.sent.append(data)
+
+        def write_format_data(self, format_dict, md_dict=None):
+            self.sent.append(format_dict)
+
+    sink = Sink()
+    shell = type("Shell", (), {"display_pub": sink, "displayhook": sink})()
+    capped = CappedDisplay(shell, cap=1000)
+    for _ in range(50):
+        shell.display_pub.publish({"text/html": "y" * 300})
+    shell.displayhook.write_format_data({"text/plain": "z" * 5000})
+    assert [len(d.get("text/html", "")) for d in sink.sent[:3]] == [300, 300, 300]
+    notes = [d for d in sink.sent if "dropped after 1000 characters" in d.get("text/plain", "")]
+    assert len(sink.sent) == 5 and len(notes) == 1, sink.sent        # 3 outputs, the note, an empty result
+    capped.reset()
+    shell.display_pub.publish({"text/html": "fresh"})
+    assert sink.sent[-1] == {"text/html": "fresh"}
+
+
+SYSTEM_PY = shutil.which("python3", path="/usr/bin:/bin") or ""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to an unprivileged user needs root (CI runs as root)")
+@pytest.mark.skipif(not SYSTEM_PY, reason="no system python3 in /usr/bin")
+def test_sandbox_holds_for_an_unprivileged_grader():
+    """An instructor grades as an ordinary user, not as root: the same unshare then runs unprivileged.
+    As uid 65534: full isolation, the private roots and the hidden folder empty, writes outside refused,
+    and RLIMIT_NPROC binds (it does not for uid 0): a fork loop stops at the limit."""
+    import tempfile
+    from autograder import sandbox
+    root = Path(tempfile.mkdtemp(prefix="autograder-unpriv-", dir="/tmp"))
+    try:
+        os.chmod(root, 0o755)
+        box, hidden = root / "box", root / "hidden"
+        box.mkdir()
+        hidden.mkdir()
+        (hidden / "secret").write_text("42")
+        os.chown(box, 65534, 65534)
+        plan = sandbox.Plan(writable=[str(box)], hidden=[str(hidden), *sandbox.PRIVATE_ROOTS],
+                            expose=[*sandbox.python_paths(), str(Path(__file__).resolve().parents[1])], cwd=str(box))
+        prog = textwrap.dedent(f"""
+            import json, os, time
+            from pathlib import Path
+            from autograder import sandbox
+            from autograder.contracts import Limits
+            report, auditor = sandbox.enter(sandbox.Plan.from_env({plan.to_env()!r}), Limits(nproc=40),
+                                            Path({str(box / "audit.jsonl")!r}))
+            print("ISOLATION", report.isolation)
+            print("SECRET", os.path.exists({str(hidden / "secret")!r}))
+            try:
+                open({str(root / "evil")!r}, "w")
+                print("WROTE")
+            except OSError:
+                print("READONLY")
+            open("mine.txt", "w").write("ok")
+            kids = []
+            try:
+                for _ in range(200):
+                    pid = os.fork()
+                    if pid == 0:
+                        time.sleep(30)
+                        os._exit(0)
+                    kids.append(pid)
+                print("FORKS", len(kids))
+            except OSError as e:
+                print("FORK_STOPPED", len(kids), type(e).__name__)
+            for pid in kids:
+                os.kill(pid, 9)
+        """)
+        argv = sandbox.command(["-c", prog])
+        # the system Python: this one may live where uid 65534 cannot enter (CI's is under /root, mode 700);
+        # the sandbox and its contracts need the standard library only
+        argv[argv.index(sys.executable)] = SYSTEM_PY
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv],
+                              capture_output=True, text=True, timeout=120, cwd=box,
+                              env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), HOME=str(box)))
+        out = proc.stdout
+        assert "ISOLATION namespaces" in out, out + proc.stderr
+        for needle in ("SECRET False", "READONLY", "FORK_STOPPED"):
+            assert needle in out, (needle, out, proc.stderr)
+        assert int(out.split("FORK_STOPPED ")[1].split()[0]) < 40
+        assert (box / "mine.txt").read_text() == "ok" and not (root / "evil").exists()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_worker_imports_only_the_notebook_it_grades(tmp_path):
+    """Looking one exercise up imports its notebook's module only, and the harness's allowed modules (which
+    need every notebook's exercises) come saved in the run's reference file: a worker grading 02 does not
+    import the exercises of the ten other notebooks (seconds per submission)."""
+    prog = textwrap.dedent(f"""
+        import json, sys
+        from pathlib import Path
+        from autograder import judge
+        import lora_ref.exercises as exercises
+        exercises.get("02.lora_forward")
+        loaded = sorted(m for m in sys.modules if m.startswith("lora_ref.exercises.nb"))
+        allowed = judge._allowed_modules(Path({str(tmp_path / "ref.safetensors")!r}))
+        print(json.dumps({{"loaded": loaded, "allowed": allowed,
+                          "after": sorted(m for m in sys.modules if m.startswith("lora_ref.exercises.nb"))}}))
+    """)
+    assert judge.reference_outputs(["02.lora_forward"], tmp_path / "ref.safetensors") == {}
+    proc = subprocess.run([PY, "-c", prog], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["loaded"] == ["lora_ref.exercises.nb02"] == got["after"], got
+    assert got["allowed"] == judge.harmless_modules()

@@ -24,7 +24,7 @@ ESCAPE = Path("/tmp/autograder_escape.txt")
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
     mp = pytest.MonkeyPatch()
-    mp.setenv("LORA_REF_EXTRA_EXERCISES", EXTRA)
+    mp.setenv("AUTOGRADER_EXTRA_EXERCISES", EXTRA)
     from autograder import grade, samples
 
     # a deep grading folder: the kernel's runtime folder is then far past a unix socket's 107-byte name
@@ -127,6 +127,7 @@ def test_huge_output_is_capped(graded):
     nb = root / "out" / "course" / "autograded" / "huge_output" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
     assert nb.stat().st_size < 3_000_000
     assert "truncated" in nb.read_text()
+    assert "rich output of this cell dropped after" in nb.read_text()
 
 
 def test_rejected_files_say_why(graded):
@@ -219,7 +220,7 @@ def dask_processes(tmp_path):
     import signal
     dask = str(Path(sys.executable).parent / "dask")
     port = _free_port()
-    env = dict(os.environ, LORA_REF_EXTRA_EXERCISES=EXTRA, DASK_DISTRIBUTED__WORKER__DAEMON="False")
+    env = dict(os.environ, AUTOGRADER_EXTRA_EXERCISES=EXTRA, DASK_DISTRIBUTED__WORKER__DAEMON="False")
     procs = []
 
     def start(*args, log):
@@ -265,7 +266,7 @@ def test_dask_cluster_grades_like_the_local_run_despite_a_killed_worker(graded, 
     cmd = [sys.executable, "-m", "autograder", "grade", str(inbox), "--scheduler", address, "--source",
            str(root / "solutions"), "--out", str(out), "--timeout", str(opts.timeout), "--submission-timeout",
            str(opts.submission_timeout), "--memory-mb", str(opts.memory_mb), "--quiet"]
-    env = dict(os.environ, LORA_REF_EXTRA_EXERCISES=EXTRA)
+    env = dict(os.environ, AUTOGRADER_EXTRA_EXERCISES=EXTRA)
     run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     killed = None
     with Client(address, timeout=30) as client:

@@ -14,20 +14,13 @@ learner's monkeypatching inside the notebook kernel cannot reach the comparison.
 
 Per-notebook exercises live in ``nbNN.py`` modules beside this file; they register themselves on import.
 
-What the autograder's judge relies on (autograder/judge.py):
-
-- ``cases()`` returns the same list in every process (seeded; plain values only);
-- ``run(obj, case)`` builds its inputs itself (seeded) and returns a dict of tensors; it may raise
-  AssertionError with a learner-facing message for structural problems;
-- the learner's symbol is defined by the notebook's answer cells alone, with ``torch, nn, F, math, np``
-  predefined (answer cells are replayed without the rest of the notebook, without lora_ref importable);
-- a test cell is judged on the exercises of the ``check("NN.name", ...)`` calls in its source; the id must
-  be a string literal.
+What an exercise promises (``cases`` seeded, ``run`` self-contained) is stated on :class:`Exercise`;
+what the autograder's judge builds on it is described in autograder/judge.py.
 """
 from __future__ import annotations
 
 import importlib
-import os
+import importlib.util
 import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -39,6 +32,10 @@ Case = dict[str, Any]
 
 @dataclass(frozen=True)
 class Exercise:
+    """One graded exercise. ``cases()`` returns the same list of plain values in every process (seeded);
+    ``run(obj, case)`` builds its inputs itself (seeded; those that need lora_ref through :func:`given`)
+    and returns a dict of tensors, raising AssertionError with a learner-facing message for a structural
+    problem (a wrong shape, a missing attribute)."""
     id: str                                   # "02.lora_linear": notebook number . short name
     symbol: str                               # what the learner defines in the notebook
     reference: Any                            # the lora_ref object with the same interface
@@ -47,8 +44,6 @@ class Exercise:
     atol: float = 1e-5
     rtol: float = 1e-4
     notebook: str = field(default="")         # "02_lora_linear"; filled from id when empty
-    unsealed: tuple[str, ...] = ()            # lora_ref modules whose objects are inputs of run (the judge
-                                              # loads them beside learner code: their references are reachable)
     topics: tuple[str, ...] = ()              # drill topics (lora_ref.drills.items.TOPICS) a failure sends the
                                               # learner to practise; () means the notebook's (NOTEBOOK_TOPICS)
 
@@ -78,16 +73,19 @@ def register(ex: Exercise) -> Exercise:
 
 
 def load_all() -> None:
-    """Import every ``nbNN`` module beside this file, then any module named in the environment
-    variable ``LORA_REF_EXTRA_EXERCISES`` (comma-separated; the autograder's tests use it)."""
+    """Import every ``nbNN`` module beside this file (each registers its exercises)."""
     for mod in pkgutil.iter_modules(__path__):
         if mod.name.startswith("nb"):
             importlib.import_module(f"{__name__}.{mod.name}")
-    for name in filter(None, os.environ.get("LORA_REF_EXTRA_EXERCISES", "").split(",")):
-        importlib.import_module(name.strip())
 
 
 def get(exercise_id: str) -> Exercise:
+    """The registered exercise ``"NN.name"``: its notebook's module is imported first (``nbNN``), all of
+    them only if that does not register it."""
+    if exercise_id not in REGISTRY:
+        notebook = f"{__name__}.nb{exercise_id.split('.')[0]}"
+        if importlib.util.find_spec(notebook) is not None:
+            importlib.import_module(notebook)
     if exercise_id not in REGISTRY:
         load_all()
     try:
@@ -101,6 +99,11 @@ def describe(case: Case) -> str:
 
 
 GIVEN_ONLY = False     # set by the judge's harness, where lora_ref is sealed off: inputs must come in the case
+
+
+def given_only() -> bool:
+    """True in the judge's harness: inputs come from the grader (:func:`given`), lora_ref is sealed off."""
+    return GIVEN_ONLY
 
 
 def given(case: Case, name: str, make: Callable[[], Any]) -> Any:

@@ -14,9 +14,10 @@ import random
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lora_ref import qlora, quant
-from lora_ref.exercises import Case, Exercise, given, register
+from lora_ref.exercises import Case, Exercise, given, given_only, register
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -100,10 +101,45 @@ def _layer_cases(seed: int = 608) -> list[Case]:
     return cases
 
 
+class GivenLinear4bit(nn.Module):
+    """The judge's base layer for ``06.qlora_linear``: lora_ref.qlora (Linear4bit beside QLoRALinear, the
+    reference) is sealed there. What a QLoRALinear reads of a Linear4bit, over tensors the grader made:
+    ``weight`` (packed codes), ``quant_state``, ``bias``, ``compute_dtype``, ``in/out_features``; its
+    forward uses the grader's dequantised weight, so a learner's layer that calls its base gets the
+    Linear4bit's output."""
+
+    def __init__(self, packed: torch.Tensor, state, bias: torch.Tensor | None, dense: torch.Tensor,
+                 compute_dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = state.shape
+        self.compute_dtype, self.quant_state = compute_dtype, state
+        self.register_buffer("weight", packed)
+        self.register_buffer("dense", dense, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return F.linear(x.to(self.compute_dtype), self.dense.to(self.compute_dtype), bias).to(x.dtype)
+
+
+def _base_4bit(case: Case) -> nn.Module:
+    """The case's frozen NF4 layer: lora_ref's Linear4bit in the grader and the kernel, its stand-in
+    (:class:`GivenLinear4bit`, same tensors) in the judge."""
+    def make():
+        torch.manual_seed(case["seed"])
+        lin = nn.Linear(case["in_f"], case["out_f"], bias=case["bias"])
+        real = qlora.Linear4bit.from_linear(lin, "nf4", 64, case["double_quant"], compute_dtype=torch.float32)
+        return real.weight, real.quant_state, real.bias, real.dequantize(torch.float32)
+
+    packed, state, bias, dense = given(case, "base_4bit", make)
+    bias = None if bias is None else bias.detach().clone()
+    if given_only():
+        return GivenLinear4bit(packed, state, bias, dense, torch.float32)
+    return qlora.Linear4bit(packed, state, bias, compute_dtype=torch.float32)
+
+
 def _run_layer(cls, case: Case) -> dict[str, torch.Tensor]:
-    torch.manual_seed(case["seed"])
-    lin = nn.Linear(case["in_f"], case["out_f"], bias=case["bias"])
-    base = qlora.Linear4bit.from_linear(lin, "nf4", 64, case["double_quant"], compute_dtype=torch.float32)
+    base = _base_4bit(case)
     torch.manual_seed(case["seed"] + 1)
     layer = cls(base, case["r"], case["alpha"])
     trainable = sorted(n for n, p in layer.named_parameters() if p.requires_grad)
@@ -128,5 +164,4 @@ register(Exercise(id="06.dequantize_4bit_linear", symbol="Dequantize4bitLinear",
                   reference=qlora.Dequantize4bitLinear, cases=_linear_cases, run=_run_function,
                   atol=1e-5, rtol=1e-4))
 register(Exercise(id="06.qlora_linear", symbol="QLoRALinear", reference=qlora.QLoRALinear,
-                  cases=_layer_cases, run=_run_layer, atol=1e-5, rtol=1e-4,
-                  unsealed=("lora_ref.qlora", "lora_ref.quant")))   # the base layer is lora_ref's Linear4bit
+                  cases=_layer_cases, run=_run_layer, atol=1e-5, rtol=1e-4))
