@@ -133,9 +133,12 @@ def model_cache(assignments) -> str | None:
     through the read-only sandbox instead of each converting the GGUF file again (about 20 s)."""
     if not needs_model(assignments):
         return None
-    code = "from lora_ref.models import smollm2_folder, cache_dir; smollm2_folder(); print(cache_dir().parent)"
-    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=900)
-    return proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 and proc.stdout.strip() else None
+    from lora_ref.models import cache_dir, smollm2_folder
+    try:
+        smollm2_folder()              # a path check once built (this process imports torch anyway)
+    except Exception:  # noqa: BLE001 - without the cache each kernel converts the GGUF itself: slower, not wrong
+        return None
+    return str(cache_dir().parent)
 
 
 def needs_model(assignments) -> bool:
