@@ -44,6 +44,29 @@ def _known(cls, data: dict) -> dict:
     return {k: v for k, v in data.items() if k in names}
 
 
+class JsonRecord:
+    """A dataclass that is one JSON file: ``to_json``/``from_json`` are ``asdict`` and the constructor
+    (fields the file lacks take their defaults, fields this version does not know are dropped)."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls(**_known(cls, json.loads(text)))
+
+    def write(self, path: Path) -> None:
+        """Atomically (a reader never sees half a file)."""
+        path = Path(path)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+
+    @classmethod
+    def read(cls, path: Path):
+        return cls.from_json(Path(path).read_text())
+
+
 @dataclass
 class Limits:
     """Per-process limits of a sandboxed process (see :func:`autograder.sandbox.apply_limits`).
@@ -78,7 +101,7 @@ class Limits:
 
 
 @dataclass
-class Job:
+class Job(JsonRecord):
     """Everything one worker needs to grade one submission (written by ``grade.grade`` to the worker's
     own folder, which no sandbox can see).
 
@@ -121,19 +144,6 @@ class Job:
         if isinstance(self.limits, dict):
             self.limits = Limits(**_known(Limits, self.limits))
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Job":
-        return cls(**_known(cls, json.loads(text)))
-
-    def write(self, path: Path) -> None:
-        Path(path).write_text(self.to_json())
-
-    @classmethod
-    def read(cls, path: Path) -> "Job":
-        return cls.from_json(Path(path).read_text())
 
 
 @dataclass
@@ -167,7 +177,7 @@ class Audit:
 
 
 @dataclass
-class Result:
+class Result(JsonRecord):
     """One submission's outcome (``results/<assignment>/<student>.json``), filled stage by stage by
     :func:`autograder.worker.grade`: judge (``judge``, ``judge_cells``, ``judge_deaths``, ``patched``),
     autograde (``nbgrader_score``, ``crashes``), withdraw (``cells``, ``withdrawn``, ``score``), audit
@@ -222,23 +232,6 @@ class Result:
             result.containment = job.isolation
         return result
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Result":
-        return cls(**_known(cls, json.loads(text)))
-
-    def write(self, path: Path) -> None:
-        """Atomically (a reader never sees half a file)."""
-        path = Path(path)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
-
-    @classmethod
-    def read(cls, path: Path) -> "Result":
-        return cls.from_json(Path(path).read_text())
 
     def why(self) -> list[str]:
         """Why this submission lost points or was flagged, one line each (grades.csv's notes): the

@@ -152,7 +152,7 @@ def prepare_assignment(name: str, opts: Options, course_root: Path) -> course_mo
     stamp = course_root / ".generated" / f"{name}.digest"
     release = course_root / "release" / name / f"{name}.ipynb"
     if not (stamp.exists() and stamp.read_text() == a.digest and release.exists()):
-        cmd = [sys.executable, "-m", "nbgrader", "generate_assignment", name, "--force",
+        cmd = [sys.executable, "-m", "autograder.nbgrader_run", "generate_assignment", name, "--force",
                f"--CourseDirectory.root={course_root}", f"--CourseDirectory.source_directory={opts.source.resolve()}",
                "--CourseDirectory.release_directory=release", f"--CourseDirectory.course_id={COURSE_ID}",
                f"--CourseDirectory.db_url=sqlite:///{course_root / 'gradebook.db'}", "--log-level=ERROR"]
@@ -263,21 +263,32 @@ def _set_pdeathsig() -> None:
         pass
 
 
-def run_worker(job: Job, wall: int, env: dict | None = None) -> None:
-    """Run one worker (``env``: extra environment variables); on timeout kill its session, and write
-    the result ourselves. The worker's process dies with the thread that started it."""
+def run_worker(job: Job, wall: int, env: dict | None = None, server=None) -> None:
+    """Run one worker (``env``: extra environment variables), forked by ``server`` (an
+    :class:`autograder.forkserver.ForkServer`) when there is one, else started as ``python -m
+    autograder.worker``; on timeout kill its session, and write the result ourselves. The worker's
+    process dies with the thread (or the fork server) that started it."""
     scratch = Path(job.scratch)
     job_path = scratch / "job.json"
     job.write(job_path)
+    if server is not None:
+        from autograder.forkserver import ForkServerError
+        try:
+            rc = server.run(str(job_path), str(scratch / "worker.log"), job.scratch, dict(_env(), **(env or {})), wall)
+        except ForkServerError:
+            pass                               # start this one as a plain process (below)
+        else:
+            _worker_ended(job, rc, wall)
+            return
     log = open(scratch / "worker.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "autograder.worker", str(job_path)], stdout=log, stderr=log,
                             env=dict(_env(), **(env or {})), start_new_session=True, cwd=job.scratch,
                             preexec_fn=_set_pdeathsig)
+    rc = None
     try:
         rc = proc.wait(timeout=wall)
-        problem = "" if rc == 0 and Path(job.result_path).exists() else f"the grading worker died (exit {rc})"
     except subprocess.TimeoutExpired:
-        problem = f"ran past the per-submission time limit ({wall} s); killed"
+        pass
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -285,9 +296,19 @@ def run_worker(job: Job, wall: int, env: dict | None = None) -> None:
             pass
         proc.wait()
         log.close()
-    if problem:
-        status = "timeout" if "time limit" in problem else "error"
-        Result.error(problem, job=job, status=status).write(Path(job.result_path))
+    _worker_ended(job, rc, wall)
+
+
+def _worker_ended(job: Job, rc: int | None, wall: int | None = None) -> None:
+    """Write the result of a worker that did not (``rc`` None: it ran past its time limit)."""
+    if rc is None:
+        problem = f"ran past the per-submission time limit ({wall or job.submission_timeout} s); killed"
+    elif rc == 0 and Path(job.result_path).exists():
+        return
+    else:
+        problem = f"the grading worker died (exit {rc})"
+    status = "timeout" if rc is None else "error"
+    Result.error(problem, job=job, status=status).write(Path(job.result_path))
 
 
 _run_worker = run_worker      # the name earlier code and tests use
@@ -340,11 +361,15 @@ def grade(opts: Options) -> list[dict]:
     if opts.scheduler or opts.cluster:
         from autograder import cluster
         pool = cluster.connect(opts.scheduler, opts.cluster, quiet=opts.quiet)     # fails here, before any work
+    # the local pool's fork server imports what workers need while this run sets up
+    server = _fork_server() if pool is None else None
     try:
-        return _grade(opts, out, names, pool, judge, reports)
+        return _grade(opts, out, names, pool, judge, reports, server)
     finally:
         if pool is not None:
             pool.close()
+        if server is not None:
+            server.close()
 
 
 def isolation_mode(opts: Options) -> str:
@@ -361,7 +386,7 @@ def isolation_mode(opts: Options) -> str:
     return "none"
 
 
-def _grade(opts: Options, out: Path, names: list[str], pool, judge, reports) -> list[dict]:
+def _grade(opts: Options, out: Path, names: list[str], pool, judge, reports, server=None) -> list[dict]:
     isolation = isolation_mode(opts)
     course_root = out / "course"
     course_root.mkdir(parents=True, exist_ok=True)
@@ -453,7 +478,7 @@ def _grade(opts: Options, out: Path, names: list[str], pool, judge, reports) -> 
     if pool is not None:
         coordinator.update(pool.grade([(j, k, e) for j, k, e in jobs], prepared, course_root, done, opts) or {})
     elif jobs:
-        _local(jobs, opts, done)
+        _local(jobs, opts, done, server)
     t_reports = time.perf_counter()
     results = reports.load_results(out / "results")
     reports.write_all(results, out)
@@ -462,14 +487,27 @@ def _grade(opts: Options, out: Path, names: list[str], pool, judge, reports) -> 
     return [dataclasses.asdict(r) for r in results]
 
 
-def _local(jobs: list[tuple[Job, str, dict]], opts: Options, done) -> None:
+def _local(jobs: list[tuple[Job, str, dict]], opts: Options, done, server=None) -> None:
     from autograder import reports
 
     bar = reports.progress(len(jobs), opts.quiet)
     with ThreadPoolExecutor(max_workers=opts.jobs) as pool:
-        futures = {pool.submit(run_worker, job, opts.submission_timeout): (job, key, entry) for job, key, entry in jobs}
+        futures = {pool.submit(run_worker, job, opts.submission_timeout, None, server): (job, key, entry)
+                   for job, key, entry in jobs}
         for fut in as_completed(futures):
             fut.result()
             job, key, entry = futures[fut]
             bar.done(done(job, key, entry))
     bar.close()
+
+
+def _fork_server():
+    """The run's fork server (worker imports paid once, see :mod:`autograder.forkserver`), or None where
+    it cannot start or ``AUTOGRADER_FORK_SERVER=0``: then every worker is a plain process."""
+    if os.environ.get("AUTOGRADER_FORK_SERVER", "1") == "0":
+        return None
+    from autograder.forkserver import ForkServer, ForkServerError
+    try:
+        return ForkServer(_env(), preexec_fn=_set_pdeathsig)
+    except (ForkServerError, OSError):
+        return None

@@ -64,9 +64,12 @@ def make_submissions(folder: Path, assignment: str, n: int) -> None:
         nbformat.write(perfect(student, solution), str(folder / f"student{i:02d}_{assignment}.ipynb"))
 
 
-def plain_nbgrader(tmp: Path, submissions: Path, assignment: str, timeout: int) -> float:
-    """nbgrader autograde, one process, all students in sequence (the generation step is not timed)."""
-    course = tmp / "plain"
+def plain_nbgrader(tmp: Path, submissions: Path, assignment: str, timeout: int, feedback: bool = False):
+    """nbgrader autograde, one process, all students in sequence (the generation step is not timed).
+
+    With ``feedback``, also ``nbgrader generate_feedback`` (the feedback HTML a grading run of the
+    autograder writes too): returns (autograde seconds, generate_feedback seconds)."""
+    course = tmp / ("plain_feedback" if feedback else "plain")
     course.mkdir()
     env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
     common = [f"--CourseDirectory.root={course}", f"--CourseDirectory.source_directory={ROOT / 'solutions'}",
@@ -85,7 +88,15 @@ def plain_nbgrader(tmp: Path, submissions: Path, assignment: str, timeout: int) 
     seconds = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(f"nbgrader autograde failed:\n{proc.stderr[-3000:]}")
-    return seconds
+    if not feedback:
+        return seconds
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "nbgrader", "generate_feedback", assignment, "--force", *common],
+                          cwd=tmp, env=env, capture_output=True, text=True)
+    fb = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"nbgrader generate_feedback failed:\n{proc.stderr[-3000:]}")
+    return seconds, fb
 
 
 def autograder(tmp: Path, submissions: Path, assignment: str, jobs: int, timeout: int, extra: list[str] = (),
@@ -316,8 +327,11 @@ def speed_text(run: dict) -> str:
         f"Committed run ({run['date'][:10]}, {m['cpus']}-core {m['cpu']}, load average {m['load_avg_before'][0]:g} "
         f"before / {m['load_avg_after'][0]:g} after), {run['submissions']} submissions of {run['assignment']} "
         f"(scores {', '.join(run['scores'])}; all graded: {run['all_graded']}), `benchmarks/grading_speed.json`: "
-        f"plain sequential `nbgrader autograde` {sps['nbgrader']:g} s/submission; autograder `--jobs 1` "
-        f"{sps['autograder_jobs1']:g} s (x{run['overhead_vs_nbgrader_jobs1']:g} of plain nbgrader; mean stages: "
+        f"plain sequential `nbgrader autograde` {sps['nbgrader']:g} s/submission (then `nbgrader generate_feedback` "
+        f"{run['seconds_nbgrader_generate_feedback'] / run['submissions']:.1f} s); autograder `--jobs 1` "
+        f"{sps['autograder_jobs1']:g} s (x{run['overhead_vs_nbgrader_jobs1']:g} of plain `autograde`, "
+        f"x{run['overhead_vs_nbgrader_with_feedback_jobs1']:g} of `autograde` + `generate_feedback`, the same "
+        f"artefacts; mean stages: "
         f"judge {st['judge']:g} s beside autograde {st['autograde']:g} s, then {st['rest']:g} s of withdrawals, "
         f"audit and feedback); `--jobs {j}` {sps[f'autograder_jobs{j}']:g} s, a parallel speed-up of "
         f"{run['parallel_speedup']:g} over `--jobs 1` (x{run['speedup_vs_nbgrader']:g} plain nbgrader's speed).",
@@ -371,8 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         subs = tmp / "submissions"
         make_submissions(subs, args.assignment, args.n)
-        plain = plain_nbgrader(tmp, subs, args.assignment, args.timeout)
-        print(f"plain nbgrader autograde: {plain:.1f} s for {args.n}")
+        plain, plain_fb = plain_nbgrader(tmp, subs, args.assignment, args.timeout, feedback=True)
+        print(f"plain nbgrader autograde: {plain:.1f} s for {args.n} (then generate_feedback {plain_fb:.1f} s)")
         one, r1 = autograder(tmp, subs, args.assignment, 1, args.timeout)
         print(f"autograder --jobs 1:      {one:.1f} s")
         many, rn = autograder(tmp, subs, args.assignment, args.jobs, args.timeout)
@@ -387,7 +401,10 @@ def main(argv: list[str] | None = None) -> int:
                           f"autograder_jobs{args.jobs}": round(many, 1)},
         "seconds_per_submission": {"nbgrader": round(plain / args.n, 1), "autograder_jobs1": round(one / args.n, 1),
                                    f"autograder_jobs{args.jobs}": round(many / args.n, 1)},
+        "seconds_nbgrader_generate_feedback": round(plain_fb, 1),
         "overhead_vs_nbgrader_jobs1": round(one / plain, 2),
+        # the same artefacts: scores and feedback HTML (plain nbgrader needs its second command for them)
+        "overhead_vs_nbgrader_with_feedback_jobs1": round(one / (plain + plain_fb), 2),
         "parallel_speedup": round(one / many, 2),
         "speedup_vs_nbgrader": round(plain / many, 2),
         "scores": sorted({f"{r['score']:g}/{r['max_score']:g}" for r in r1 + rn}),

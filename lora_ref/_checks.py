@@ -51,6 +51,13 @@ def check_int(name: str, value, minimum: int | None = None, maximum: int | None 
     return v
 
 
+def check_choice(name: str, value, choices) -> str:
+    """``value`` if it is one of ``choices``; ValueError naming ``name``, the bad value and the choices otherwise."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} must be one of {tuple(choices)}")
+    return value
+
+
 def check_real(name: str, value, *, positive: bool = False, non_negative: bool = False,
                finite: bool = True) -> float:
     """``value`` as a float (finite unless ``finite=False``; > 0 or >= 0 if asked); ValueError otherwise."""

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .lora import LoRALinear
+from .lora import LoRALinear, check_merge_finite, merged_weight
 
 
 def column_norm(W: torch.Tensor) -> torch.Tensor:
@@ -80,9 +80,9 @@ def dora_merged_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, magnit
                        scaling: float) -> torch.Tensor:
     """W' = m * (W + s B A) / ||W + s B A||_c (eq. 5), shape (out, in), in W's dtype (math in >= fp32)."""
     work = torch.promote_types(W.dtype, torch.float32)
-    V = W.to(work) + scaling * (B.detach().to(work) @ A.detach().to(work))
+    V = merged_weight(W.to(work), A.detach(), B.detach(), scaling)        # W + s B A (shapes, finiteness)
     g = magnitude.detach().to(work) / column_norm(V)
-    return (g.view(-1, 1) * V).to(W.dtype)
+    return check_merge_finite(g.view(-1, 1) * V).to(W.dtype)             # a zero row of V: g = inf
 
 
 def _dense_weight(base: nn.Module) -> torch.Tensor:
@@ -125,15 +125,11 @@ class DoRALinear(LoRALinear):
         """W <- m * (W + s B A) / ||W + s B A||_c; the norm is kept so that unmerge inverts it."""
         if self.merged:
             return
-        w = self.base_layer.weight
-        if not w.dtype.is_floating_point:
-            raise TypeError(f"cannot merge into a {w.dtype} weight; dequantise it first (see lora_ref.qlora)")
+        w = self._mergeable_weight()
         work = torch.promote_types(w.dtype, torch.float32)
-        self._merge_norm = dora_weight_norm(w.data.to(work), self.lora_A.to(work), self.lora_B.to(work), self.scaling)
-        new = dora_merged_weight(w.data.to(work), self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling)
-        if not torch.isfinite(new).all():
-            raise ValueError("merging would produce non-finite weights (NaN/Inf); adapter left unmerged")
-        w.data.copy_(new.to(w.dtype))
+        norm = dora_weight_norm(w.data.to(work), self.lora_A.to(work), self.lora_B.to(work), self.scaling)
+        w.data.copy_(dora_merged_weight(w.data, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling))
+        self._merge_norm = norm
         self.merged = True
 
     def unmerge(self) -> None:

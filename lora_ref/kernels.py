@@ -197,6 +197,20 @@ def dequantize_4bit_compiled(packed: torch.Tensor, lay: NF4Layout, dtype: torch.
 if HAS_TRITON:
 
     @triton.jit
+    def _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk, mask,
+                     BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):
+        """The absmax of quantisation blocks ``blk``: stored as is, or (double quantisation, QLoRA
+        Section 3) an 8-bit code into ``code2`` times its second-level absmax, plus the mean ``offset``."""
+        if NESTED:
+            q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+            a2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask, other=0.0)
+            scale = tl.load(code2_ptr + q, mask=mask, other=0.0) * a2
+            scale = scale + offset                                        # two roundings, like bitsandbytes
+        else:
+            scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        return scale
+
+    @triton.jit
     def _dequant_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n_out,
                              absmax2_ptr, code2_ptr, offset,
                              BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
@@ -210,13 +224,7 @@ if HAS_TRITON:
         hi = b >> 4
         lo = b & 15
         blk = (offs * 2) // BLOCKSIZE                                     # 2i and 2i+1 share a block
-        if NESTED:
-            q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-            a2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask, other=0.0)
-            scale = tl.load(code2_ptr + q, mask=mask, other=0.0) * a2
-            scale = scale + offset                                        # two roundings, like bitsandbytes
-        else:
-            scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk, mask, BLOCKSIZE2, NESTED)
         if SELECT:
             # 16 levels held in registers, picked by a 4-level select tree on the code bits
             c0 = tl.load(code_ptr + 0); c1 = tl.load(code_ptr + 1); c2 = tl.load(code_ptr + 2)
@@ -262,13 +270,7 @@ if HAS_TRITON:
         blk = pid * ROWS + tl.arange(0, ROWS)                             # (ROWS,) block ids
         n_blocks = (n_out + BLOCKSIZE - 1) // BLOCKSIZE
         bmask = blk < n_blocks
-        if NESTED:
-            q = tl.load(absmax_ptr + blk, mask=bmask, other=0).to(tl.int32)
-            a2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=bmask, other=0.0)
-            scale = tl.load(code2_ptr + q, mask=bmask, other=0.0) * a2
-            scale = scale + offset                                        # two roundings, like bitsandbytes
-        else:
-            scale = tl.load(absmax_ptr + blk, mask=bmask, other=0.0)
+        scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk, bmask, BLOCKSIZE2, NESTED)
         offs = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]          # (ROWS, HALF) byte offsets
         n_bytes = (n_out + 1) // 2
         b = tl.load(packed_ptr + offs, mask=offs < n_bytes, other=0).to(tl.int32)
@@ -297,13 +299,7 @@ if HAS_TRITON:
         blk = pid * ROWS + tl.arange(0, ROWS)
         n_blocks = (n_out + BLOCKSIZE - 1) // BLOCKSIZE
         bmask = blk < n_blocks
-        if NESTED:
-            q = tl.load(absmax_ptr + blk, mask=bmask, other=0).to(tl.int32)
-            a2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=bmask, other=0.0)
-            scale = tl.load(code2_ptr + q, mask=bmask, other=0.0) * a2
-            scale = scale + offset
-        else:
-            scale = tl.load(absmax_ptr + blk, mask=bmask, other=0.0)
+        scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk, bmask, BLOCKSIZE2, NESTED)
         j = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]     # (ROWS, BLOCKSIZE) outputs
         m = j < n_out
         b = tl.load(packed_ptr + (j >> 1), mask=m, other=0).to(tl.int32)

@@ -101,10 +101,15 @@ class LoRALinear(nn.Module):
         dtype = torch.promote_types(self.lora_A.dtype, torch.float32)      # fp64 stays fp64
         return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
 
-    def _apply_delta(self, sign: float) -> None:
+    def _mergeable_weight(self) -> torch.Tensor:
+        """The base weight a merge writes into: floating point only (a 4-bit one is dequantised first)."""
         w = self.base_layer.weight
         if not w.dtype.is_floating_point:
             raise TypeError(f"cannot merge into a {w.dtype} weight; dequantise it first (see lora_ref.qlora)")
+        return w
+
+    def _apply_delta(self, sign: float) -> None:
+        w = self._mergeable_weight()
         w.data.copy_(merged_weight(w.data, self.lora_A, self.lora_B, self.scaling, sign))
 
     def merge(self) -> None:
@@ -156,10 +161,14 @@ def merged_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: fl
                          f"B {tuple(B.shape)} (need A (r, in), B (out, r))")
     work = torch.promote_types(torch.promote_types(W.dtype, A.dtype), torch.float32)
     delta = (B.to(work) @ A.to(work)) * scaling                   # s B A, (out, in)
-    out = W.to(work) + sign * delta
-    if not torch.isfinite(out).all():
+    return check_merge_finite(W.to(work) + sign * delta).to(W.dtype)
+
+
+def check_merge_finite(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` if every entry is finite, else ValueError: a merge writes nothing it cannot undo."""
+    if not torch.isfinite(weight).all():
         raise ValueError("merging would produce non-finite weights (NaN/Inf); nothing merged")
-    return out.to(W.dtype)
+    return weight
 
 
 def _check_dropout(dropout) -> float:

@@ -48,7 +48,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from ._checks import as_int
+from ._checks import as_int, check_choice, check_int
 
 PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION_PROJECTIONS: tuple[str, ...] = PROJECTIONS[:4]
@@ -315,10 +315,9 @@ def training_flops(shape: ModelShape | str, tokens: int, method: str = "full", r
     traffic, not FLOPs). Gradient checkpointing recomputes the forward once more (+2N + 2N_lora + 4LHQT).
     N counts the lm_head matmul but not the embedding lookup.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if tokens <= 0 or seq <= 0:
-        raise ValueError(f"tokens and seq must be positive, got tokens={tokens}, seq={seq}")
+    check_choice("method", method, METHODS)
+    check_int("tokens", tokens, minimum=1)
+    check_int("seq", seq, minimum=1)
     s = get_shape(shape)
     pb = param_breakdown(s)
     n = pb.linear + s.vocab * s.hidden                  # matmul weights per token
@@ -402,8 +401,7 @@ def activation_bytes(shape: ModelShape | str, batch: int, seq: int, dtype: str |
     is computed chunk by chunk and only one chunk's buffers exist at a time.
     """
     s = get_shape(shape)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_choice("method", method, METHODS)
     c = dtype_bytes(dtype)
     t = batch * seq
     h, I, kv = s.hidden, s.intermediate, s.kv_dim
@@ -512,10 +510,9 @@ def training_memory(shape: ModelShape | str, method: str = "qlora", r: int = 16,
     configurations within 10% (SmolLM2-135M and TinyLlama-1.1B; full, LoRA, QLoRA). Llama-2-7B bf16
     LoRA without checkpointing: 32.77 GB predicted, 32.83 GB measured.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if batch <= 0 or seq <= 0:
-        raise ValueError(f"batch and seq must be positive, got batch={batch}, seq={seq}")
+    check_choice("method", method, METHODS)
+    check_int("batch", batch, minimum=1)
+    check_int("seq", seq, minimum=1)
     s = get_shape(shape)
     c = dtype_bytes(dtype)
     pb = param_breakdown(s)

@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ._checks import check_choice
 from .lora import LoRAConfig, inject_lora
+from .memory import METHODS        # the three methods are named once, where their memory is sized
 from .qlora import inject_qlora, quantize_model
-
-METHODS = ("full", "lora", "qlora")
 
 
 def prepare_model(model: nn.Module, method: str, config: LoRAConfig | None = None, *,
@@ -31,8 +31,7 @@ def prepare_model(model: nn.Module, method: str, config: LoRAConfig | None = Non
     output head (``quantize_model``: ``quant_type``, ``double_quant``, ``compute_dtype``; None keeps each
     layer's dtype) and then injects the adapters. "full" unfreezes every parameter.
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} must be one of {METHODS}")
+    check_choice("method", method, METHODS)
     if method == "full":
         if config is not None:
             raise ValueError("full fine-tuning takes no LoRA config")

@@ -593,3 +593,55 @@ def test_a_worker_imports_only_the_notebook_it_grades(tmp_path):
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["loaded"] == ["lora_ref.exercises.nb02"] == got["after"], got
     assert got["allowed"] == judge.harmless_modules()
+
+
+def test_grading_processes_skip_the_slow_optional_import(tmp_path):
+    """A grading process (``import autograder`` first) reads and validates notebooks without importing
+    rfc3987_syntax (3.5-4 s per process at import); a broken notebook is still refused."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        import autograder
+        t = time.perf_counter()
+        import nbformat
+        seconds = time.perf_counter() - t
+        assert sys.modules.get("rfc3987_syntax", "absent") is None, "rfc3987_syntax was imported"
+        nb = nbformat.read({str(Path(__file__).resolve().parents[1] / "notebooks/02_lora_linear/02_lora_linear.ipynb")!r}, as_version=4)
+        nbformat.validate(nb)
+        nb.cells[0]["cell_type"] = "not-a-cell-type"
+        try:
+            nbformat.validate(nb)
+        except nbformat.ValidationError:
+            print("refused", round(seconds, 2))
+        else:
+            raise SystemExit("a broken notebook passed validation")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("refused"), proc.stdout
+
+
+def test_nbgrader_run_records_the_alembic_head_nbgrader_would(tmp_path):
+    """``python -m autograder.nbgrader_run`` is nbgrader with a faster start: the gradebook it creates
+    records the migration head that nbgrader's own ``alembic heads`` subprocess reports."""
+    import sqlite3
+
+    import nbgrader.api
+
+    from autograder.nbgrader_run import alembic_head
+    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    old = os.environ["PATH"]
+    os.environ["PATH"] = env["PATH"]                   # nbgrader starts `alembic` by name
+    try:
+        assert alembic_head() == nbgrader.api.get_alembic_version()
+    finally:
+        os.environ["PATH"] = old
+    repo = Path(__file__).resolve().parents[1]
+    db = tmp_path / "gradebook.db"
+    proc = subprocess.run([sys.executable, "-m", "autograder.nbgrader_run", "generate_assignment", "00_welcome",
+                           "--force", f"--CourseDirectory.root={tmp_path}",
+                           f"--CourseDirectory.source_directory={repo / 'solutions'}",
+                           "--CourseDirectory.release_directory=release", f"--CourseDirectory.db_url=sqlite:///{db}",
+                           "--log-level=ERROR"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "release" / "00_welcome" / "00_welcome.ipynb").exists()
+    assert sqlite3.connect(db).execute("select version_num from alembic_version").fetchall() == [(alembic_head(),)]

@@ -113,6 +113,30 @@ def test_merge_equals_peft_and_forward_and_unmerges():
     assert (ours.base_layer.weight - w0).abs().max() < 1e-5
 
 
+def test_merge_refuses_what_it_cannot_undo():
+    """A merge that would write NaN/Inf, or into an integer weight, raises and leaves the layer as it was
+    (the checks are lora.merged_weight's and LoRALinear's, shared by DoRA)."""
+    ours, _ = _pair()
+    w0 = ours.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        ours.lora_B[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        ours.merge()
+    assert not ours.merged and torch.equal(ours.base_layer.weight, w0)
+    ours, _ = _pair()
+    with torch.no_grad():                 # W + s B A with a zero row: its norm is 0, g = m / 0 = inf
+        ours.lora_B.zero_()
+        ours.base_layer.weight[2] = 0.0
+    w0 = ours.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="non-finite"):
+        ours.merge()
+    assert not ours.merged and torch.equal(ours.base_layer.weight, w0)
+    ours, _ = _pair()
+    ours.base_layer.weight = nn.Parameter(torch.zeros(10, 12, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match="cannot merge"):
+        ours.merge()
+
+
 def test_functional_forward_is_the_layer():
     ours, _ = _pair()
     x = torch.randn(6, 12)

@@ -153,15 +153,16 @@ def test_scratch_buffer_reuses_memory():
 def test_triton_matches_bitsandbytes_on_cuda():
     BF = pytest.importorskip("bitsandbytes.functional")
     w = (torch.randn(1024, 512, device="cuda") * 0.02).to(torch.bfloat16)
-    p, s = BF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-    ref = BF.dequantize_4bit(p, s)
-    got = K.dequantize_4bit(p, s, torch.bfloat16, backend="triton")
-    assert torch.equal(got.view(torch.int16), ref.view(torch.int16))
-    for cfg in ({"kernel": "flat", "SELECT": True}, {"kernel": "flat", "BYTES": 256, "num_warps": 2},
-                {"kernel": "tiled", "PAIR": False}, {"kernel": "tiled", "PAIR": True, "BYTES": 4096, "num_warps": 8},
-                {"kernel": "flat", "BYTES": 4096, "num_warps": 8}):
-        out = K.dequantize_4bit_triton(p, K.layout_of(s), torch.bfloat16, **cfg)
-        assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), cfg
+    for nested in (True, False):          # both ways of storing the absmax (double quantisation or fp32)
+        p, s = BF.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
+        ref = BF.dequantize_4bit(p, s)
+        got = K.dequantize_4bit(p, s, torch.bfloat16, backend="triton")
+        assert torch.equal(got.view(torch.int16), ref.view(torch.int16)), nested
+        for cfg in ({"kernel": "flat", "SELECT": True}, {"kernel": "flat", "BYTES": 256, "num_warps": 2},
+                    {"kernel": "tiled", "PAIR": False}, {"kernel": "tiled", "PAIR": True, "BYTES": 4096, "num_warps": 8},
+                    {"kernel": "flat", "BYTES": 4096, "num_warps": 8}, {"kernel": "outmajor", "BYTES": 2048}):
+            out = K.dequantize_4bit_triton(p, K.layout_of(s), torch.bfloat16, **cfg)
+            assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), (nested, cfg)
 
 
 def test_fused_rms_norm_close_to_transformers():
