@@ -32,6 +32,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -183,12 +184,82 @@ def _worker_model_cache() -> str | None:
 
 
 def _worker_threads() -> int:
+    """Threads for one submission's kernel: this machine's cores over the task slots of *all* the Dask
+    workers on it (``dask worker --nworkers N`` starts N processes that each know only their own slots;
+    a kernel that took every core over its own worker's share oversubscribed them N times over)."""
     try:
         from distributed import get_worker
-        n = get_worker().state.nthreads
+        worker = get_worker()
+        slots = _slots_on_host(worker.address.rsplit(":", 1)[0], worker.state.nthreads)
     except Exception:  # noqa: BLE001 - not in a worker (tests call run_task directly)
-        n = 1
-    return max(1, (os.cpu_count() or 1) // max(1, n))
+        slots = 1
+    return max(1, (os.cpu_count() or 1) // max(1, slots))
+
+
+_SLOTS: dict = {}
+
+
+def _slots_on_host(host: str, own: int) -> int:
+    """Task slots of the Dask workers whose address is on ``host`` (asked of the scheduler once per
+    worker process; ``own`` where it cannot be asked)."""
+    if host not in _SLOTS:
+        try:
+            from distributed import get_client
+            workers = get_client().scheduler_info(n_workers=-1)["workers"]
+            _SLOTS[host] = sum(w.get("nthreads", 1) for a, w in workers.items() if a.rsplit(":", 1)[0] == host) or own
+        except Exception:  # noqa: BLE001 - an older scheduler, a lost connection: this worker's own slots
+            _SLOTS[host] = own
+    return max(own, _SLOTS[host])
+
+
+_SERVER_LOCK = threading.Lock()
+_SERVER: dict = {}          # this Dask worker process's fork server and the code digest it imported
+
+
+def _owned_by_a_lasting_thread(factory):
+    """Call ``factory`` in a thread that lives as long as this process, and return what it returns.
+    The fork server's PR_SET_PDEATHSIG fires when the *thread* that started it ends, and the threads
+    that run Dask tasks may come and go; the server must die only with the worker process."""
+    box: dict = {}
+    made = threading.Event()
+
+    def owner():
+        try:
+            box["value"] = factory()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+        made.set()
+        threading.Event().wait()                  # never set: the thread ends with the process
+
+    threading.Thread(target=owner, name="autograder-forkserver-owner", daemon=True).start()
+    made.wait()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def worker_fork_server(digest: str):
+    """This Dask worker's fork server (see :mod:`autograder.forkserver`): started by its first task,
+    shared by the tasks after it, so a long-lived worker pays the grading imports once rather than once
+    per submission. A new one replaces it when it has died or when the code on disk (``digest``) is no
+    longer the code it imported; the old one finishes its workers first. None where
+    ``AUTOGRADER_FORK_SERVER=0`` or it cannot start: the task then starts a plain worker process."""
+    if os.environ.get("AUTOGRADER_FORK_SERVER", "1") == "0":
+        return None
+    from autograder import grade as grade_mod
+    from autograder.forkserver import ForkServer
+    with _SERVER_LOCK:
+        server = _SERVER.get("server")
+        if server is not None and server.alive() and _SERVER.get("digest") == digest:
+            return server
+        if server is not None:
+            server.detach()
+        try:
+            server = _owned_by_a_lasting_thread(lambda: ForkServer(grade_mod._env(), preexec_fn=grade_mod._set_pdeathsig))
+        except OSError:
+            server = None
+        _SERVER.update(server=server, digest=digest)
+        return server
 
 
 def run_task(task: dict) -> dict:
@@ -209,6 +280,11 @@ def run_task(task: dict) -> dict:
         problem = (f"the Dask worker on {host} cannot isolate learner code ({why}); the coordinator asked for "
                    "namespaces: not graded there")
         return {"result": dataclasses.asdict(Result.error(problem, job=job)), "host": host}
+    server = worker_fork_server(grade_mod.grader_digest())
+    mapped = server.mapped_mb() if server is not None else None
+    why = sandbox.memory_room(job.limits.memory_mb, mapped if mapped is not None else sandbox.torch_mapped_mb())
+    if why:
+        return {"result": dataclasses.asdict(Result.error(f"the Dask worker on {host}: {why}", job=job)), "host": host}
     root = Path(tempfile.mkdtemp(prefix=f"autograder-{job.student}-"))
     try:
         a, s = job.assignment, job.student
@@ -239,7 +315,7 @@ def run_task(task: dict) -> dict:
             mpl_cache=None,                                   # the kernel's own mpl/, fonts copied in
             model_cache=_worker_model_cache() if task["needs_model"] else None,
             hidden=[str(source), str(course / "submitted")])
-        grade_mod.run_worker(local, task["wall"], env=task["env"])
+        started = grade_mod.run_worker(local, task["wall"], env=task["env"], server=server)
         page = course / "feedback" / s / a / f"{a}.html"
         if page.exists():
             from autograder.reports import clean_feedback
@@ -250,6 +326,7 @@ def run_task(task: dict) -> dict:
             result = Result.error(f"unreadable result file: {exc}", job=job)
         log = (scratch / "worker.log").read_bytes()[-4000:] if (scratch / "worker.log").exists() else b""
         return {"result": dataclasses.asdict(result), "host": host, "seconds": round(time.time() - t0, 1),
+                "started": started,
                 "autograded": _files(course / "autograded" / s / a), "feedback": _files(course / "feedback" / s / a),
                 "grades": private_grades(local), "log": log.decode(errors="replace")}
     finally:
@@ -315,5 +392,5 @@ def apply(output: dict, job: Job, course_root: Path) -> None:
         merge_grades(job.db_url, job.course_id, a, s, output["grades"])
     if output.get("log"):
         (Path(job.scratch) / "worker.log").write_text(output["log"])
-    (Path(job.scratch) / "task.json").write_text(json.dumps({"host": output.get("host"), "seconds": output.get("seconds")}))
+    (Path(job.scratch) / "task.json").write_text(json.dumps({k: output.get(k) for k in ("host", "seconds", "started")}))
     result.write(Path(job.result_path))

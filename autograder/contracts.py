@@ -26,7 +26,7 @@ class Defaults:
     jobs: int = 2                      # submissions graded at once (CLI --jobs and grade.Options)
     cell_timeout: int = 120            # seconds per notebook cell, per judged answer cell and per case
     submission_timeout: int = 900      # wall seconds per submission; the watchdog ends its sandboxes then
-    memory_mb: int = 4096              # address space of each sandboxed process (torch alone maps ~650 MB)
+    memory_mb: int = 4096              # address space of each sandboxed process (CPU torch maps ~650 MB; a CUDA build several GB: sandbox.memory_room)
     cpu_seconds: int = 1800            # RLIMIT_CPU backstop of each sandboxed process
     file_mb: int = 256                 # largest file a sandboxed process may write
     nproc: int = 4096                  # RLIMIT_NPROC backstop, per uid (the PID namespace is the real bound)

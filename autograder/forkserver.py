@@ -98,8 +98,10 @@ def serve() -> None:
     from autograder.grade import _set_pdeathsig
     _set_pdeathsig()
     failed = preload()
+    from autograder.sandbox import mapped_mb
     out = sys.stdout
-    out.write(json.dumps({"ready": True, "preload_failed": failed}) + "\n")
+    # what a process that imported torch and the rest maps: the sandbox's memory limit must exceed it
+    out.write(json.dumps({"ready": True, "preload_failed": failed, "mapped_mb": mapped_mb()}) + "\n")
     out.flush()
     fd = sys.stdin.fileno()
     pending = b""
@@ -158,6 +160,7 @@ class ForkServer:
         self._rcs: dict[int, int] = {}
         self._alive = True
         self.preload_failed: list[str] = []
+        self._mapped_mb: int | None = None
         # the reader waits for the server's "ready" (its imports, seconds): the grading run goes on with
         # its own set-up meanwhile, and the first run() waits for it
         threading.Thread(target=self._read, name="autograder-forkserver", daemon=True).start()
@@ -170,6 +173,7 @@ class ForkServer:
             ready = {}
         with self._cond:
             self.preload_failed = list(ready.get("preload_failed", []))
+            self._mapped_mb = ready.get("mapped_mb")
             self._ready = bool(ready.get("ready"))
             self._alive = self._ready
             self._cond.notify_all()
@@ -210,7 +214,7 @@ class ForkServer:
             try:
                 self.proc.stdin.write((json.dumps(request) + "\n").encode())
                 self.proc.stdin.flush()
-            except OSError as exc:
+            except (OSError, ValueError) as exc:              # ValueError: its stdin was closed (detach)
                 raise ForkServerError(f"the fork server is not reachable ({exc})") from None
         pid = self._wait(self._pids, job, 60)
         if pid is None:
@@ -232,6 +236,26 @@ class ForkServer:
                 pass
             return None
         return rc
+
+    def mapped_mb(self, timeout: float = 300) -> int | None:
+        """The address space (MB) the server maps once its imports are done (torch among them), waiting
+        for them; None if it never became ready."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._ready is not None, timeout)
+            return self._mapped_mb if self._ready else None
+
+    def alive(self) -> bool:
+        """False once the server is known to have died (a server still importing counts as alive)."""
+        return self._alive and self.proc.poll() is None
+
+    def detach(self) -> None:
+        """Send it no more work without waiting: it exits once the workers it forked have ended (a
+        Dask worker whose code changed on disk starts a new server beside the old one's last workers)."""
+        with self._lock:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
 
     def close(self) -> None:
         """Close its stdin: the server exits once its workers have ended (called again: nothing more)."""

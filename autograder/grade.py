@@ -263,11 +263,12 @@ def _set_pdeathsig() -> None:
         pass
 
 
-def run_worker(job: Job, wall: int, env: dict | None = None, server=None) -> None:
+def run_worker(job: Job, wall: int, env: dict | None = None, server=None) -> str:
     """Run one worker (``env``: extra environment variables), forked by ``server`` (an
     :class:`autograder.forkserver.ForkServer`) when there is one, else started as ``python -m
     autograder.worker``; on timeout kill its session, and write the result ourselves. The worker's
-    process dies with the thread (or the fork server) that started it."""
+    process dies with the thread (or the fork server) that started it. Returns how it was started:
+    ``"forked"`` or ``"process"``."""
     scratch = Path(job.scratch)
     job_path = scratch / "job.json"
     job.write(job_path)
@@ -279,7 +280,7 @@ def run_worker(job: Job, wall: int, env: dict | None = None, server=None) -> Non
             pass                               # start this one as a plain process (below)
         else:
             _worker_ended(job, rc, wall)
-            return
+            return "forked"
     log = open(scratch / "worker.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "autograder.worker", str(job_path)], stdout=log, stderr=log,
                             env=dict(_env(), **(env or {})), start_new_session=True, cwd=job.scratch,
@@ -297,6 +298,7 @@ def run_worker(job: Job, wall: int, env: dict | None = None, server=None) -> Non
         proc.wait()
         log.close()
     _worker_ended(job, rc, wall)
+    return "process"
 
 
 def _worker_ended(job: Job, rc: int | None, wall: int | None = None) -> None:
@@ -370,6 +372,16 @@ def grade(opts: Options) -> list[dict]:
             pool.close()
         if server is not None:
             server.close()
+
+
+def check_memory_room(memory_mb: int, server=None) -> None:
+    """Refuse a memory limit below what importing torch maps in this Python (a UsageError, exit 2),
+    measured by the fork server's own imports or, without one, by a fresh interpreter."""
+    from autograder import sandbox
+    mapped = server.mapped_mb() if server is not None else None
+    why = sandbox.memory_room(memory_mb, mapped if mapped is not None else sandbox.torch_mapped_mb())
+    if why:
+        raise UsageError(why)
 
 
 def isolation_mode(opts: Options) -> str:
@@ -478,6 +490,7 @@ def _grade(opts: Options, out: Path, names: list[str], pool, judge, reports, ser
     if pool is not None:
         coordinator.update(pool.grade([(j, k, e) for j, k, e in jobs], prepared, course_root, done, opts) or {})
     elif jobs:
+        check_memory_room(opts.memory_mb, server)
         _local(jobs, opts, done, server)
     t_reports = time.perf_counter()
     results = reports.load_results(out / "results")

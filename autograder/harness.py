@@ -278,7 +278,7 @@ def _restore_builtins(saved: dict, found: list) -> None:
 
 
 def _exec_cell(source: str, grade_id: str, namespace: dict, timeout: float) -> str:
-    from IPython.core.inputtransformer2 import TransformerManager
+    from IPython.core.inputtransformer2 import TransformerManager   # imported by main() before learner code
     try:
         code = compile(TransformerManager().transform_cell(source), f"<answer:{grade_id}>", "exec")
     except SyntaxError as exc:
@@ -318,6 +318,8 @@ def main() -> None:
 
     import torch
     from safetensors.torch import load, save
+    # before learner code runs: a failure to import it then would kill the harness at every answer cell
+    import IPython.core.inputtransformer2  # noqa: F401
     torch.set_num_threads(1)
     case_tensors = load(blob) if blob else {}
     drivers = load_drivers(job["modules"], job.get("allowed", []))

@@ -169,7 +169,8 @@ def _judge_once(answers, cases, inputs, allowed, judge_dir: Path, limits: Limits
     env = dict(os.environ, HOME=str(work), TMPDIR=str(work), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                MKL_NUM_THREADS="1", TORCHINDUCTOR_CACHE_DIR=str(work / "torchinductor"),
                TRITON_CACHE_DIR=str(work / "triton"), AUTOGRADER_ISOLATION=sandbox.NAMESPACES if isolated else "none",
-               PYTHONPATH=str(_repository()))
+               # the grader's own PYTHONPATH after the repository: packages installed with pip --target
+               PYTHONPATH=os.pathsep.join([str(_repository()), *sandbox.extra_import_paths()]))
     for key in [k for k in env if k.startswith("AUTOGRADER_") and k != "AUTOGRADER_ISOLATION"]:
         del env[key]
     log: dict = {"cells": {}, "cases": {ex_id: {"n": len(cs), "errors": {}} for ex_id, cs in cases.items()},

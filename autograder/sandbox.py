@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import json
 import os
 import resource
@@ -131,6 +132,46 @@ def available() -> str:
     return ""
 
 
+#: Address space learner code needs beyond what its imports map: its tensors, threads' stacks, buffers.
+HEADROOM_MB = 1024
+
+
+def mapped_mb() -> int:
+    """The address space this process has mapped (``VmSize``, MB): what ``RLIMIT_AS`` counts."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) // 1024
+    raise OSError("no VmSize in /proc/self/status")
+
+
+@functools.lru_cache(maxsize=None)
+def torch_mapped_mb(python: str = sys.executable) -> int | None:
+    """What a fresh ``python`` maps once it has imported torch (MB; None where it cannot be measured).
+    A CPU build maps about 600 MB; a CUDA build maps its GPU libraries too, several GB, all of which
+    count against the sandbox's ``RLIMIT_AS`` although little of it is ever resident."""
+    code = "import torch, autograder.sandbox as s; print(s.mapped_mb())"
+    try:
+        proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                                  p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)))
+        return int(proc.stdout.split()[-1]) if proc.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
+
+
+def memory_room(memory_mb: int, mapped: int | None) -> str:
+    """'' when an address-space limit of ``memory_mb`` leaves learner code :data:`HEADROOM_MB` beyond
+    ``mapped`` (what importing torch maps here), else a one-line reason and the limit to use. Without
+    this check a limit below torch's own mappings fails every cell that imports torch, and a whole class
+    scores zero with nothing but ImportErrors in its feedback."""
+    if mapped is None or memory_mb >= mapped + HEADROOM_MB:
+        return ""
+    suggest = -(-(mapped + 3072) // 1024) * 1024
+    return (f"a memory limit of {memory_mb} MB leaves learner code no room: importing torch alone maps {mapped} MB "
+            f"of address space in this Python (a CUDA build maps its GPU libraries), so every cell that imports "
+            f"torch would fail; grade with --memory-mb {suggest} or more (torch's mappings plus 3 GB of work)")
+
+
 def apply_limits(limits: Limits) -> None:
     mem = limits.memory_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
@@ -196,11 +237,19 @@ PRIVATE_ROOTS = ("/tmp", "/var/tmp", "/home", "/root")
 
 def python_paths() -> list[str]:
     """The Python installation a sandboxed interpreter needs: prefixes, its executable's folder, site dirs
-    (also the user's, ``~/.local``: with :data:`PRIVATE_ROOTS` hidden they must be exposed by name)."""
+    (also the user's, ``~/.local``: with :data:`PRIVATE_ROOTS` hidden they must be exposed by name), and
+    the folders on ``PYTHONPATH`` (packages installed with ``pip --target``, as on a machine where nothing
+    can be installed into the interpreter: without them the kernel and the judge lack nbgrader's and
+    IPython's modules). A folder that must stay hidden inside one of these is covered again."""
     import site
     paths = [sys.prefix, sys.base_prefix, str(Path(sys.executable).resolve().parents[1]),
-             *site.getsitepackages(), site.getusersitepackages()]
+             *site.getsitepackages(), site.getusersitepackages(), *extra_import_paths()]
     return [p for p in dict.fromkeys(str(Path(p).resolve()) for p in paths) if os.path.isdir(p)]
+
+
+def extra_import_paths() -> list[str]:
+    """The folders named on ``PYTHONPATH`` that exist (in order)."""
+    return [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.isdir(p)]
 
 
 def _enclosing(path: str, done: list[tuple[str, str]]) -> str | None:
@@ -405,7 +454,11 @@ class Auditor:
             if where:
                 self.record("ctypes", f"{event}{_short(args)} from {where}")
         elif event == "sys.addaudithook":
-            self.record("audit_hook", "learner code added an audit hook")
+            # only learner code's own call: libraries add hooks as they are imported (filelock 4 does, to
+            # follow forks, and torch's CUDA build imports it), which flagged every submission on such a machine
+            where = self._from_learner(depth=1)
+            if where:
+                self.record("audit_hook", f"learner code added an audit hook ({where})")
         elif event in ("sys.settrace", "sys.setprofile", "object.__setattr__"):
             where = self._from_learner(depth=1)
             if where:

@@ -3,6 +3,17 @@
     python benchmarks/grading_speed.py [--assignment 02_lora_linear] [--n 4] [--jobs 2] [--out benchmarks/grading_speed.json]
     python benchmarks/grading_speed.py --class-scale M [--workers 2]     # -> benchmarks/results/grading_class_cpu.json
     python benchmarks/grading_speed.py --model                          # print the cost model from the committed run
+    python benchmarks/grading_speed.py --scaling 1,2,4,8 [--per-job 3] --out F.json   # --jobs N on a many-core machine
+
+Scaling mode (``--scaling N1,N2,...``): does ``--jobs N`` grade N times as fast on N idle cores? A
+machine of 2 cores cannot say, since at ``--jobs 1`` the judge already runs on the second core. On a
+machine of many cores, each level N grades ``N x per-job`` submissions with ``--jobs N`` (the same work
+per job at every level, so the run's fixed cost weighs the same), and reports throughput (submissions
+per second) and its ratio to ``--jobs 1``'s; plain sequential ``nbgrader autograde`` of ``per-job``
+submissions is measured in the same run for reference, and one untimed grading run warms the machine
+first. Every submission is a solution, so a lost point stops the run (a broken set-up, not a timing:
+on a machine with a CUDA build of torch, pass ``--extra=--memory-mb=N`` as the grader asks). The JSON is
+written after every level.
 
 Class-scale mode (``--class-scale M``): M mixed submissions (cycling through the built-in samples
 ``perfect``, ``forgot_scaling``, ``partial``, ``blank``) graded, in one run, by plain sequential
@@ -339,6 +350,69 @@ def speed_text(run: dict) -> str:
     ])
 
 
+def scaling(args) -> dict:
+    levels = sorted({int(x) for x in args.scaling.split(",")})
+    if not levels or levels[0] < 1 or args.per_job < 1:
+        raise SystemExit(f"--scaling={args.scaling} and --per-job={args.per_job} must be positive")
+    report = {
+        "what": "benchmarks/grading_speed.py --scaling: --jobs N grading N x per_job submissions (solutions) of one "
+                "assignment, for each N, in one run; speed-up = throughput(N) / throughput(1)",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "cpu": _cpu_model(), "platform": platform.platform(),
+                    "python": platform.python_version(), "load_avg_before": [round(x, 2) for x in os.getloadavg()]},
+        "assignment": args.assignment, "per_job": args.per_job, "cell_timeout": args.timeout,
+        "extra_args": args.extra, "levels": {},
+    }
+    out = args.out
+    with tempfile.TemporaryDirectory(prefix="grading_scaling_") as tmp:
+        tmp = Path(tmp)
+        base = tmp / "plain_subs"
+        make_submissions(base, args.assignment, args.per_job)
+        plain = plain_nbgrader(tmp, base, args.assignment, args.timeout)
+        report["nbgrader_sequential"] = {"submissions": args.per_job, "seconds": round(plain, 1),
+                                         "seconds_per_submission": round(plain / args.per_job, 2)}
+        print(f"plain nbgrader autograde: {plain:.1f} s for {args.per_job}", flush=True)
+        # one untimed run first: the first grading run of a fresh machine also pays its cold disk cache and
+        # bytecode compilation, which made --jobs 1 look slow and every speed-up look better than linear
+        warm = tmp / "warm_subs"
+        make_submissions(warm, args.assignment, 1)
+        report["warmup_seconds"] = round(autograder(tmp, warm, args.assignment, 1, args.timeout, extra=args.extra,
+                                                    name="warmup")[0], 1)
+        for n in levels:
+            subs = tmp / f"subs{n}"
+            make_submissions(subs, args.assignment, n * args.per_job)
+            seconds, results = autograder(tmp, subs, args.assignment, n, args.timeout, extra=args.extra)
+            m = len(results)
+            wrong = [r for r in results if r["status"] != "graded" or r["score"] != r["max_score"]]
+            if wrong or m != n * args.per_job:       # every submission is a solution: a lost point is a broken set-up
+                r = wrong[0] if wrong else {}
+                log = tmp / f"jobs{n}" / "scratch" / args.assignment / str(r.get("student")) / "worker.log"
+                report["failed"] = {"jobs": n, "results": m, "first_wrong": {k: r.get(k) for k in (
+                    "student", "status", "score", "max_score", "notes", "cells", "judge")},
+                    "worker_log_tail": log.read_text()[-3000:] if log.exists() else ""}
+                print("a solution lost points: the timings would mean nothing\n"
+                      + json.dumps(report["failed"], indent=1, default=str)[:6000], flush=True)
+                if out:
+                    out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+                break
+            level = {"submissions": m, "seconds": round(seconds, 1), "throughput_per_min": round(60 * m / seconds, 2),
+                     "all_graded": all(r["status"] == "graded" for r in results),
+                     "scores": sorted({f"{r['score']:g}/{r['max_score']:g}" for r in results}),
+                     "stage_seconds_mean": {k: round(sum(r["timings"][k] for r in results) / m, 1)
+                                            for k in ("judge", "autograde", "rest")}}
+            one = report["levels"].get("1")
+            if one:
+                level["speedup_vs_jobs1"] = round(level["throughput_per_min"] / one["throughput_per_min"], 2)
+                level["efficiency"] = round(level["speedup_vs_jobs1"] / n, 2)
+            report["levels"][str(n)] = level
+            report["machine"]["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+            print(f"--jobs {n}: {m} submissions in {seconds:.1f} s ({level['throughput_per_min']:g}/min"
+                  + (f", x{level['speedup_vs_jobs1']:g} of --jobs 1" if one else "") + ")", flush=True)
+            if out:
+                out.write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
 def _replace_block(text: str, start: str, end: str, block: str) -> str:
     if start in text:
         return text[:text.index(start)] + block + text[text.index(end) + len(end):]
@@ -354,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="where the JSON goes (default per mode)")
     ap.add_argument("--class-scale", type=int, metavar="M", help="class-scale mode with M mixed submissions")
     ap.add_argument("--workers", type=int, default=2, help="class-scale: pool jobs and Dask workers (default 2)")
+    ap.add_argument("--scaling", metavar="N1,N2,...", help="scaling mode: --jobs N for each N (a many-core machine)")
+    ap.add_argument("--per-job", type=int, default=3, help="scaling: submissions per job at every level (default 3)")
+    ap.add_argument("--extra", action="append", default=[], help="scaling: one more argument for every grading run")
     ap.add_argument("--model", action="store_true", help="print the cost model of the committed class-scale run")
     ap.add_argument("--readme", action="store_true", help="write the committed run's paragraph into autograder/README.md")
     args = ap.parse_args(argv)
@@ -367,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
         text = _replace_block(text, README_START, README_END, readme_text(json.loads(CLASS_RESULT.read_text())))
         text = _replace_block(text, SPEED_START, SPEED_END, speed_text(json.loads(SPEED_RESULT.read_text())))
         readme.write_text(text)
+        return 0
+    if args.scaling:
+        report = scaling(args)
+        print(json.dumps(report, indent=1))
         return 0
     if args.class_scale is not None:
         if args.class_scale < 1 or args.workers < 1:

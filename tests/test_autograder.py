@@ -422,6 +422,21 @@ def test_judge_passes_correct_answers(tmp_path):
     assert verdict == {"99.lora_delta": True, "99.scaled_linear": True}
 
 
+def test_the_judge_sees_packages_installed_on_pythonpath(tmp_path, monkeypatch):
+    """Where packages are installed with ``pip --target`` and found through PYTHONPATH (a machine whose
+    interpreter cannot be changed), the judge's harness imports them too, even from a folder the sandbox
+    covers (/tmp). Without it the harness lacked IPython there and died at every answer cell."""
+    site_dir = tmp_path.parent / f"{tmp_path.name}_site"
+    site_dir.mkdir()
+    (site_dir / "targeted_helper.py").write_text("def half(x):\n    return x / 2\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(site_dir), os.environ.get("PYTHONPATH")) if p))
+    cells = dict(GOOD, lora_delta="from targeted_helper import half\n"
+                                  "def lora_delta(A, B, alpha, r):\n    return half(2 * alpha / r) * (B @ A)")
+    verdict, info = _judge(tmp_path, cells)
+    assert info["log"]["cells"]["lora_delta"] in ("", "ok"), info["log"]["cells"]
+    assert verdict == {"99.lora_delta": True, "99.scaled_linear": True}, info["log"]
+
+
 def test_judge_is_not_fooled_by_patching(tmp_path):
     cheat = dict(GOOD)
     cheat["lora_delta"] = textwrap.dedent("""
@@ -645,3 +660,19 @@ def test_nbgrader_run_records_the_alembic_head_nbgrader_would(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "release" / "00_welcome" / "00_welcome.ipynb").exists()
     assert sqlite3.connect(db).execute("select version_num from alembic_version").fetchall() == [(alembic_head(),)]
+
+
+def test_an_audit_hook_counts_only_when_learner_code_adds_it(tmp_path):
+    """A library that adds an audit hook as it is imported (filelock 4 does; torch's CUDA build imports
+    it) is no integrity flag; learner code that adds one itself is."""
+    proc = _sandboxed(tmp_path, """
+        Path("libhook.py").write_text("import sys\\nsys.addaudithook(lambda *a: None)\\n")
+        sys.path.insert(0, ".")
+        exec(compile("import libhook", "<answer cell 1>", "exec"))
+        exec(compile("import sys\\nsys.addaudithook(lambda *a: None)", "<answer cell 2>", "exec"))
+        print("done")
+    """)
+    assert "done" in proc.stdout, proc.stdout + proc.stderr
+    hooks = [json.loads(line) for line in (tmp_path / "box" / "audit.jsonl").read_text().splitlines()
+             if '"audit_hook"' in line]
+    assert len(hooks) == 1 and "<answer cell 2>" in hooks[0]["detail"], hooks

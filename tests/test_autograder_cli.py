@@ -201,3 +201,44 @@ def test_cli_defaults_come_from_contracts_and_the_isolation_flag_reaches_the_gra
         pass  # what follows grading (reports on an empty run) is not this test's concern
     assert seen["opts"].accept_no_isolation is True
     assert "WITHOUT isolation" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fork_server", ["1", "0"])
+def test_a_memory_limit_below_what_torch_maps_is_refused_before_any_grading(tmp_path, monkeypatch, fork_server):
+    """A CUDA build of torch maps several GB of address space, which RLIMIT_AS counts: a limit below it
+    would fail every cell that imports torch and score a whole class zero. The run measures what torch
+    maps here (the fork server's own imports, or a fresh interpreter without one) and refuses, naming the
+    limit to use. Here: CPU torch (about 600 MB) and a limit of 1100 MB, which leaves no 1 GB of room."""
+    from autograder import sandbox
+    from autograder.selftest import ASSIGNMENT, build_course
+    monkeypatch.setenv("AUTOGRADER_FORK_SERVER", fork_server)
+    monkeypatch.setenv("AUTOGRADER_EXTRA_EXERCISES", "autograder.selftest_exercises")
+    mapped = sandbox.torch_mapped_mb()
+    assert mapped is not None and 300 < mapped < 1100, mapped         # so 1100 leaves less than HEADROOM_MB
+    build_course(tmp_path)
+    a, release = _selftest_release(tmp_path / "release")
+    (tmp_path / "in").mkdir()
+    nbformat.write(release, str(tmp_path / "in" / f"alice_{ASSIGNMENT}.ipynb"))
+    opts = grade.Options(submissions=tmp_path / "in", source=tmp_path / "solutions", out=tmp_path / "out",
+                         memory_mb=1100, quiet=True)
+    import lora_ref.exercises as exercises
+    try:
+        with pytest.raises(grade.UsageError) as err:
+            grade.grade(opts)
+    finally:
+        for key in [k for k in exercises.REGISTRY if k.startswith("99.")]:
+            del exercises.REGISTRY[key]
+        sys.modules.pop("autograder.selftest_exercises", None)     # registers its exercises on import
+    message = str(err.value)
+    assert "importing torch alone maps" in message and "--memory-mb" in message, message
+    suggested = int(message.split("--memory-mb ")[1].split()[0])
+    assert suggested >= mapped + sandbox.HEADROOM_MB
+    assert not list((tmp_path / "out" / "results").rglob("*.json")), "a submission was graded under that limit"
+
+
+def test_memory_room_names_the_limit_that_fits_a_cuda_build():
+    from autograder import sandbox
+    assert sandbox.memory_room(4096, 700) == ""                 # a CPU build under the default
+    why = sandbox.memory_room(4096, 9000)                       # what a CUDA build can map
+    assert "9000 MB" in why and "--memory-mb 12288" in why, why
+    assert sandbox.memory_room(4096, None) == ""                # not measurable: the limit stands as given

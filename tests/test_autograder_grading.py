@@ -301,6 +301,9 @@ def test_dask_cluster_grades_like_the_local_run_despite_a_killed_worker(graded, 
             assert x.score == remote[x.student_id]["score"], x.student_id
     feedback = Path(remote["perfect"]["feedback"])
     assert feedback.is_file() and str(out / "course" / "feedback") in str(feedback)
+    # each Dask worker forks its tasks' workers from its own fork server (imports paid once per worker)
+    tasks = {s: json.loads((out / "scratch" / ASSIGNMENT / s / "task.json").read_text()) for s in DASK_STUDENTS}
+    assert {t["started"] for t in tasks.values()} == {"forked"}, tasks
     before = {p: p.read_bytes() for p in (out / "results").rglob("*.json")}
     again = subprocess.run(cmd[:-1], capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]

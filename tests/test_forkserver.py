@@ -140,3 +140,46 @@ def test_a_dead_server_is_an_error_before_the_fork_only(server, tmp_path):
     ok = _script(tmp_path, "ok", "print('x')\n")
     with pytest.raises(ForkServerError):
         _run(server, tmp_path, ok)
+
+
+def test_a_dask_worker_keeps_one_server_that_outlives_the_task_thread_that_started_it(tmp_path, monkeypatch):
+    """A Dask worker's tasks share one fork server (autograder.cluster.worker_fork_server). The task
+    thread that starts it may end (Dask's threads come and go), and PR_SET_PDEATHSIG would kill a
+    server started from that thread: it must still serve afterwards. New code on disk gets a new server,
+    and the old one exits once its workers are done; AUTOGRADER_FORK_SERVER=0 gives none."""
+    import threading
+    from autograder import cluster
+    monkeypatch.setattr(cluster, "_SERVER", {})
+    got = []
+    t = threading.Thread(target=lambda: got.append(cluster.worker_fork_server("digest-1")))
+    t.start()
+    t.join()
+    first = got[0]
+    try:
+        ok = _script(tmp_path, "ok", "print('served')\n")
+        time.sleep(1.0)                                          # a PDEATHSIG would have fired by now
+        assert first.alive(), "the server died with the short-lived thread that started it"
+        assert _run(first, tmp_path, ok) == (0, "served\n")
+        assert cluster.worker_fork_server("digest-1") is first   # the next task: the same server
+        second = cluster.worker_fork_server("digest-2")          # the code changed on disk
+        assert second is not first and second.alive()
+        first.proc.wait(timeout=30)                              # detached: it exits, having no worker
+        assert _run(second, tmp_path, ok) == (0, "served\n")
+        monkeypatch.setenv("AUTOGRADER_FORK_SERVER", "0")
+        assert cluster.worker_fork_server("digest-2") is None
+    finally:
+        for s in {id(x): x for x in (first, cluster._SERVER.get("server")) if x is not None}.values():
+            s.close()
+
+
+def test_a_dask_task_shares_the_cores_with_every_worker_on_its_machine():
+    """`dask worker --nworkers 2` starts two processes that each know only their own slot: a kernel that
+    took the cores over its own worker's slots used all of them twice over (its autograde stage was half
+    again as slow as the local pool's in the class-scale benchmark)."""
+    import logging
+    from distributed import Client, LocalCluster
+    from autograder import cluster
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+                      silence_logs=logging.ERROR) as lc, Client(lc) as client:
+        seen = client.gather([client.submit(cluster._worker_threads, pure=False) for _ in range(4)])
+    assert seen == [max(1, (os.cpu_count() or 1) // 2)] * 4, seen
