@@ -135,6 +135,7 @@ COINCIDENCES: list[tuple[str, str, str]] = [
     ("bank:qlora.speed-tradeoff", "16.2 GiB", "torchtune's published figure for Llama-3.1-8B on an RTX 4090"),
     ("05_nf4_quantisation:05-cell-046", "3.34 GB", "Llama-2-7B's projections in NF4 + DQ, computed by lora_ref.memory below"),
     ("06_qlora_on_a_gpu:06-cell-020", "41.5%", "SmolLM2's NF4 base / bf16 model, computed by lora_ref.memory in notebook 08"),
+    ("bank:eval.perplexity-mc", "11.40", "arithmetic: (e^1 + e^3)/2, the mean of per-batch perplexities, not a timing"),
 ]
 
 NUMBER = re.compile(r"(?<![\w.,/-])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+)(?:\s*(%|GB|GiB|MiB|MB|ms|s)|(x))?(?![\w])")
