@@ -9,6 +9,7 @@ Layout of the output folder (``--out``; default ``grading/<name of the submissio
     scratch/<A>/<student>/ per-submission sandbox (kernel and judge logs)
     results/<A>/<student>.json  one result per submission (see autograder.contracts.Result)
     run.json               what this folder grades (its submission sets) and the ledger of graded inputs
+    run.journal            ledger entries of a run not yet folded into run.json (left by a killed run)
     grades.csv, summary.csv, summary.md, histogram.png, audit.md
 
 One output folder holds one class: ``run.json`` names the submission sets graded into it, and a run
@@ -211,21 +212,49 @@ def grader_digest() -> str:
 
 class Ledger:
     """``run.json``: the submission sets graded into this folder, and for each result the digests of
-    its input file, instructor notebook and grader. Only the coordinator writes it, after the result."""
+    its input file, instructor notebook and grader. Only the coordinator writes it, after the result.
+
+    A result's entry is appended to ``run.journal`` (one JSON line) and folded into ``run.json`` at the
+    end of the run (:meth:`compact`): rewriting the whole ledger after every result made a class of n
+    submissions cost O(n^2), since each result rewrote every entry before it. A run that is killed
+    leaves its journal, which the next run reads first; a line cut short by the kill is ignored (its
+    submission is graded again)."""
 
     def __init__(self, out: Path):
         self.path = out / "run.json"
+        self.journal = out / "run.journal"
         try:
             data = json.loads(self.path.read_text())
         except (OSError, json.JSONDecodeError):
             data = {}
         self.sources: list[str] = list(data.get("sources", []))
         self.graded: dict[str, dict] = dict(data.get("graded", {}))
+        self.graded.update(self._replay())
+
+    def _replay(self) -> dict[str, dict]:
+        graded = {}
+        try:
+            lines = self.journal.read_text().splitlines()
+        except OSError:
+            return graded
+        for line in lines:
+            try:
+                key, entry = json.loads(line)
+            except (ValueError, TypeError):
+                continue            # the last line of a killed run
+            graded[key] = entry
+        return graded
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"sources": self.sources, "graded": self.graded}, indent=1, sort_keys=True))
         tmp.replace(self.path)
+
+    def compact(self) -> None:
+        """Fold the journal into ``run.json`` (a kill between the two steps only replays entries again)."""
+        if self.journal.exists():
+            self.save()
+            self.journal.unlink()
 
     def claim(self, source: str, out: Path, opts: Options) -> None:
         """Refuse to mix submission sets in one folder unless asked (``--add``, ``--student``)."""
@@ -245,7 +274,8 @@ class Ledger:
 
     def record(self, key: str, entry: dict) -> None:
         self.graded[key] = entry
-        self.save()
+        with open(self.journal, "a") as f:          # one line: O(1) whatever the size of the class
+            f.write("\n" + json.dumps([key, entry]) + "\n")
 
 
 def _sha(path: Path) -> str:
@@ -413,15 +443,19 @@ def _grade(opts: Options, out: Path, names: list[str], pool, judge, reports, ser
     else:
         ledger.claim(str(Path(opts.submissions).resolve()), out, opts)
     assignments = {n: course_mod.load_assignment(opts.source, n) for n in names}
+    t_collect = time.perf_counter()
     try:
         subs = _select(intake.collect(opts.submissions, assignments, opts.assignment, out), opts)
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from None
+    collect_s = time.perf_counter() - t_collect
     used = sorted({s.assignment for s in subs if s.status == "ok" and s.assignment in assignments})
     prepared = {n: prepare_assignment(n, opts, course_root) for n in used}
+    t_collect = time.perf_counter()
     # intake again with the release attached (deleted metadata is restored from it); every assignment
     # stays known, so a notebook of another assignment is recognised as such, not as a broken copy
     subs = _select(intake.collect(opts.submissions, {**assignments, **prepared}, opts.assignment, out), opts)
+    collect_s += time.perf_counter() - t_collect
     _kernelspec(course_root)
     digest = grader_digest()
     limits = Limits(memory_mb=opts.memory_mb, cpu_seconds=opts.submission_timeout * (os.cpu_count() or 1))
@@ -442,6 +476,7 @@ def _grade(opts: Options, out: Path, names: list[str], pool, judge, reports, ser
             skipped += 1
             continue
         todo.append((sub, a, rpath, key, entry))
+    store_s = time.perf_counter() - t_store
     if skipped and not opts.quiet:
         print(f"{skipped} submission(s) already graded with these files and this grader (results in "
               f"{out / 'results'}): not graded again (--regrade grades them again)")
@@ -486,12 +521,16 @@ def _grade(opts: Options, out: Path, names: list[str], pool, judge, reports, ser
             ledger.record(key, entry)         # an error or timeout is tried again by the next run
         return result
 
-    coordinator = {"submissions": len(subs), "graded_now": len(jobs), "intake_store_s": round(time.perf_counter() - t_store, 3)}
+    # the coordinator's own time: per submission (intake, storing, ledger; the pool's payloads and collecting)
+    # and once per run (references, caches, job folders: jobs_s; reports); start-up is not counted
+    coordinator = {"submissions": len(subs), "graded_now": len(jobs), "intake_collect_s": round(collect_s, 3),
+                   "intake_store_s": round(store_s, 3), "jobs_s": round(time.perf_counter() - t_store - store_s, 3)}
     if pool is not None:
         coordinator.update(pool.grade([(j, k, e) for j, k, e in jobs], prepared, course_root, done, opts) or {})
     elif jobs:
         check_memory_room(opts.memory_mb, server)
         _local(jobs, opts, done, server)
+    ledger.compact()
     t_reports = time.perf_counter()
     results = reports.load_results(out / "results")
     reports.write_all(results, out)

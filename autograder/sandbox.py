@@ -252,6 +252,13 @@ def extra_import_paths() -> list[str]:
     return [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.isdir(p)]
 
 
+def extra_jupyter_paths() -> list[str]:
+    """The Jupyter data folders (``share/jupyter``) of packages installed with ``pip install --target DIR``
+    and found through ``PYTHONPATH``: pip puts their data files (nbconvert's HTML templates, which the
+    feedback pages extend) in ``DIR/share/jupyter``, where Jupyter does not look unless told."""
+    return [str(Path(p) / "share" / "jupyter") for p in extra_import_paths() if (Path(p) / "share" / "jupyter").is_dir()]
+
+
 def _enclosing(path: str, done: list[tuple[str, str]]) -> str | None:
     """'cover' or 'expose': the kind of the deepest mount of ``done`` that ``path`` is inside."""
     best = None

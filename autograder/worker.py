@@ -153,7 +153,8 @@ def _env(job: Job, sockets: Path | None = None) -> None:
         "HOME": str(kernel / "home"), "TMPDIR": str(kernel / "tmp"),
         "IPYTHONDIR": str(kernel / "ipython"), "MPLCONFIGDIR": job.mpl_cache or str(kernel / "mpl"),
         "XDG_CACHE_HOME": str(kernel / "cache"), "JUPYTER_RUNTIME_DIR": str(kernel / "runtime"),
-        "JUPYTER_PATH": job.jupyter_path, "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1",
+        "JUPYTER_PATH": os.pathsep.join([job.jupyter_path, *sandbox.extra_jupyter_paths()]),
+        "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1",
         "OMP_NUM_THREADS": str(job.threads), "MKL_NUM_THREADS": str(job.threads),
         "AUTOGRADER_OUTPUT_BYTES": str(job.output_bytes),
         "TORCHINDUCTOR_CACHE_DIR": str(kernel / "cache" / "torchinductor"),
@@ -368,7 +369,9 @@ def feedback(job: Job, cfg) -> tuple[str, list[str]]:
     out = capture_log(app)
     path = Path(job.course_root) / "feedback" / job.student / job.assignment / f"{job.assignment}.html"
     if not out.get("success") or not path.exists():
-        return "", []
+        # said, not swallowed: a machine whose nbconvert cannot find its templates wrote no page for anyone
+        why = (out.get("error") or out.get("log") or "no page written").strip().splitlines()
+        raise RuntimeError(why[-1][:300] if why else "no page written")
     text = html.unescape(TAG.sub("", path.read_text(errors="replace")))
     leaks = [line for line in job.hidden_lines if line in text]
     return str(path), leaks

@@ -437,6 +437,54 @@ def test_the_judge_sees_packages_installed_on_pythonpath(tmp_path, monkeypatch):
     assert verdict == {"99.lora_delta": True, "99.scaled_linear": True}, info["log"]
 
 
+def test_feedback_pages_find_the_templates_of_a_pythonpath_install(tmp_path):
+    """``pip install --target DIR`` puts nbconvert's HTML templates in DIR/share/jupyter, where Jupyter
+    does not look: on such a machine (an H200 with the grading packages carried as wheels) every feedback
+    page failed, and silently. The worker's environment names that folder; a template found only there
+    renders."""
+    import nbformat
+    from autograder import worker
+    from autograder.contracts import Job
+
+    site_dir = tmp_path / "site"
+    tpl = site_dir / "share" / "jupyter" / "nbconvert" / "templates" / "only_on_pythonpath"
+    tpl.mkdir(parents=True)
+    (tpl / "conf.json").write_text('{"mimetypes": {"text/html": true}}')
+    (tpl / "index.html.j2").write_text("rendered from the PYTHONPATH install")
+    job = Job(student="s", assignment="a", original="", course_root=str(tmp_path / "course"), source_dir=str(tmp_path),
+              db_url="", out=str(tmp_path / "out"), scratch=str(tmp_path / "scratch"), result_path="", reference="",
+              exercises=[], exercises_of={}, test_points={}, max_score=0, hidden_lines=[],
+              jupyter_path=str(tmp_path / "course"))
+    saved = dict(os.environ)
+    try:
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(site_dir), saved.get("PYTHONPATH")) if p)
+        worker._env(job)
+        assert os.environ["JUPYTER_PATH"].split(os.pathsep)[0] == job.jupyter_path     # the kernelspec first
+        from nbconvert import HTMLExporter
+        body, _ = HTMLExporter(template_name="only_on_pythonpath").from_notebook_node(nbformat.v4.new_notebook())
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert "rendered from the PYTHONPATH install" in body
+
+
+def test_a_feedback_page_that_is_not_written_is_said(tmp_path):
+    """nbgrader's GenerateFeedback reports failure in its return value, not by raising; a run whose
+    pages all failed said nothing. Now the result carries the reason."""
+    from autograder import worker
+    from autograder.contracts import Job, Result
+
+    course = tmp_path / "course"
+    course.mkdir()
+    job = Job(student="s", assignment="a", original="", course_root=str(course), source_dir=str(tmp_path / "source"),
+              db_url=f"sqlite:///{course / 'gradebook.db'}", out=str(tmp_path / "out"), scratch=str(tmp_path / "scratch"),
+              result_path="", reference="", exercises=[], exercises_of={}, test_points={}, max_score=0, hidden_lines=[])
+    result = Result(student="s", assignment="a", original="", max_score=0)
+    worker.stage_feedback(job, result, worker._config(job))     # nothing was autograded: no page can be written
+    assert result.feedback == ""
+    assert any(n.startswith("feedback HTML failed: ") and len(n) > len("feedback HTML failed: ") for n in result.notes), result.notes
+
+
 def test_judge_is_not_fooled_by_patching(tmp_path):
     cheat = dict(GOOD)
     cheat["lora_delta"] = textwrap.dedent("""

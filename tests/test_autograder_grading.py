@@ -304,6 +304,9 @@ def test_dask_cluster_grades_like_the_local_run_despite_a_killed_worker(graded, 
     # each Dask worker forks its tasks' workers from its own fork server (imports paid once per worker)
     tasks = {s: json.loads((out / "scratch" / ASSIGNMENT / s / "task.json").read_text()) for s in DASK_STUDENTS}
     assert {t["started"] for t in tasks.values()} == {"forked"}, tasks
+    for t in tasks.values():          # where a task's time went (the class-scale benchmark reads it)
+        parts = [t[k] for k in ("server_s", "setup_s", "worker_s", "after_s")]
+        assert min(parts) >= 0 and t["worker_s"] > 0 and abs(sum(parts) - t["seconds"]) <= 0.2, t
     before = {p: p.read_bytes() for p in (out / "results").rglob("*.json")}
     again = subprocess.run(cmd[:-1], capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]

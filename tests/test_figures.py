@@ -135,13 +135,12 @@ COINCIDENCES: list[tuple[str, str, str]] = [
     ("bank:qlora.speed-tradeoff", "16.2 GiB", "torchtune's published figure for Llama-3.1-8B on an RTX 4090"),
     ("05_nf4_quantisation:05-cell-046", "3.34 GB", "Llama-2-7B's projections in NF4 + DQ, computed by lora_ref.memory below"),
     ("06_qlora_on_a_gpu:06-cell-020", "41.5%", "SmolLM2's NF4 base / bf16 model, computed by lora_ref.memory in notebook 08"),
-    ("bank:eval.perplexity-mc", "11.40", "arithmetic: (e^1 + e^3)/2, the mean of per-batch perplexities, not a timing"),
 ]
 
 NUMBER = re.compile(r"(?<![\w.,/-])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+)(?:\s*(%|GB|GiB|MiB|MB|ms|s)|(x))?(?![\w])")
 SCALES = {None: (1,), "%": (100, 1), "GB": (1, 1e-9), "GiB": (1, 2 ** -30), "MiB": (1, 2 ** -20), "MB": (1, 1e-6),
           "s": (1,), "ms": (1,)}
-TIMING = re.compile(r"(seconds|_s|_ms)$")    # a timing is only compared with a number written in s or ms
+TIMING = re.compile(r"(seconds|_s|_ms)(_mean\w*)?($|\.)")    # a timing (also a mean of stages: stage_seconds_mean.judge) is only compared with a number in s or ms
 
 
 def _leaves(data, key=""):
